@@ -1,0 +1,3 @@
+from drcl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""The ``drcl`` command line.
+
+Every command turns a :class:`~drcl.errors.DataError` into one line on stderr and exit code 2;
+wrong arguments exit with 2 as argparse does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from drcl.errors import DataError
+
+
+def _add_on_bad(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--on-bad",
+        choices=("error", "skip"),
+        default="error",
+        help="bad records: stop with exit code 2 (default) or drop them and report how many",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="drcl",
+        description="2DRCL pre-training for long-tailed object detection.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-data", help="write a synthetic long-tailed dataset in LVIS v1 format")
+    p.add_argument("out", help="output folder (annotations/ and images/ are created inside)")
+    p.add_argument("--classes", type=int, default=60)
+    p.add_argument("--train-images", type=int, default=1000)
+    p.add_argument("--val-images", type=int, default=200)
+    p.add_argument("--image-size", type=int, default=160)
+    p.add_argument("--imbalance", type=float, default=200.0, help="largest / smallest class instance count")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_data)
+
+    p = sub.add_parser("stats", help="validate an annotation file and show its long-tail statistics")
+    p.add_argument("annotations", help="COCO or LVIS v1 annotation JSON")
+    p.add_argument("--images", help="image folder: also check every image file exists and decodes")
+    p.add_argument("--json", dest="json_out", help="write per-category and per-group statistics here")
+    p.add_argument("--plot", help="write the sorted class-frequency curve (PNG) here")
+    _add_on_bad(p)
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("demo", help="the end-to-end demo on generated data")
+    p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except DataError as e:
+        print(f"drcl {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"drcl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_make_data(args) -> int:
+    from drcl.data.synthetic import make_dataset
+
+    try:
+        summary = make_dataset(
+            args.out,
+            classes=args.classes,
+            train_images=args.train_images,
+            val_images=args.val_images,
+            image_size=args.image_size,
+            imbalance=args.imbalance,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        print(f"drcl make-data: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from drcl.data.annotations import load_annotations
+    from drcl.data.stats import category_stats, format_table, plot_frequency
+
+    ann = load_annotations(
+        args.annotations,
+        images_dir=args.images,
+        on_bad=args.on_bad,
+        check_images="decode" if args.images else "none",
+        progress=True,
+    )
+    _report_skipped(ann)
+    stats = category_stats(ann)
+    print(format_table(stats))
+    if args.json_out:
+        _write_json(args.json_out, stats)
+        print(f"wrote {args.json_out}")
+    if args.plot:
+        plot_frequency(stats, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from drcl.data.annotations import load_annotations
+    from drcl.data.stats import category_stats, format_table, plot_frequency
+    from drcl.data.synthetic import make_dataset
+
+    out = Path(args.out)
+    data = out / "data"
+    make_dataset(data, seed=0)
+    ann = load_annotations(data / "annotations" / "train.json", data / "images" / "train", check_images="header")
+    stats = category_stats(ann)
+    print(format_table(stats))
+    plot_frequency(stats, str(out / "class_frequency.png"))
+    print(f"wrote {out / 'class_frequency.png'}")
+    print(
+        "drcl demo: pre-training, fine-tuning and evaluation are not yet available in this "
+        "version; the demo stops after generating and checking the data."
+    )
+    return 0
+
+
+def _report_skipped(ann) -> None:
+    if ann.skipped:
+        parts = ", ".join(f"{n} {what}" for what, n in sorted(ann.skipped.items()))
+        print(f"{ann.path}: skipped {sum(ann.skipped.values())} bad records ({parts})", file=sys.stderr)
+
+
+def _write_json(path: str, obj) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    import os
+    import tempfile
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,109 @@
+"""A torch ``Dataset`` over a validated annotation file.
+
+Each item is ``(image, target)``:
+
+* ``image``: ``tv_tensors.Image``, uint8, shape (3, H, W), RGB;
+* ``target``: a dict with
+  ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY, clipped to the image),
+  ``labels`` (int64, contiguous 1..C in the order of the file's categories; 0 is background,
+  as torchvision's detectors expect; ``dataset.category_ids[label - 1]`` gives the id back),
+  ``ann_ids`` (int64, the annotation ids, so two views can pair boxes),
+  ``image_id`` (int) and, when the file has segmentations and ``masks=True``,
+  ``masks`` (``tv_tensors.Mask``, uint8, (N, H, W)).
+
+Crowd annotations (COCO ``iscrowd=1``) are left out of the targets, as detectors train
+without them. A file that cannot be read or decoded raises :class:`~drcl.errors.DataError`
+naming the file and the image id.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from drcl.data.annotations import Annotations
+from drcl.errors import DataError
+
+
+class DetectionDataset(Dataset):
+    def __init__(self, annotations: Annotations, images_dir=None, transforms=None, masks: bool = True):
+        self.ann = annotations
+        self.images_dir = images_dir if images_dir is not None else annotations.images_dir
+        if self.images_dir is None:
+            raise ValueError("DetectionDataset needs images_dir")
+        self.transforms = transforms
+        self.category_ids = [c["id"] for c in annotations.categories]
+        self.has_masks = masks and any("segmentation" in a for a in annotations.annotations)
+
+    def __len__(self) -> int:
+        return self.ann.num_images
+
+    def load_image(self, i: int) -> tv_tensors.Image:
+        path = self.ann.image_path(i, self.images_dir)
+        where = f"{self.ann.path}: {self.ann.describe_image(i)}"
+        try:
+            with Image.open(path) as im:
+                pixels = np.asarray(im.convert("RGB"))
+        except FileNotFoundError:
+            raise DataError(f"{where}: image file {path} not found") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{where}: image file {path} cannot be decoded ({e})") from None
+        return tv_tensors.Image(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+
+    def target(self, i: int, height: int, width: int) -> dict:
+        records = [self.ann.annotations[k] for k in self.ann.anns_by_image[i]]
+        records = [a for a in records if not a.get("iscrowd", 0)]
+        boxes = torch.tensor([a["bbox"] for a in records], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        labels = [self.ann.category_pos[a["category_id"]] + 1 for a in records]
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "ann_ids": torch.tensor([a["id"] for a in records], dtype=torch.int64),
+            "image_id": self.ann.images[i]["id"],
+        }
+        if self.has_masks:
+            target["masks"] = tv_tensors.Mask(
+                torch.from_numpy(np.stack([segmentation_mask(a, height, width) for a in records]))
+                if records
+                else torch.zeros((0, height, width), dtype=torch.uint8)
+            )
+        return target
+
+    def __getitem__(self, i: int):
+        image = self.load_image(i)
+        height, width = image.shape[-2:]
+        target = self.target(i, height, width)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def segmentation_mask(annotation: dict, height: int, width: int) -> np.ndarray:
+    """Binary (H, W) uint8 mask of a COCO/LVIS ``segmentation`` (polygons or RLE), rasterised
+    with the same code the COCO evaluators use; the box when there is no segmentation."""
+    from faster_coco_eval.core import mask as mask_util
+
+    seg = annotation.get("segmentation")
+    if not seg:
+        m = np.zeros((height, width), dtype=np.uint8)
+        x, y, w, h = annotation["bbox"]
+        m[int(y) : int(np.ceil(y + h)), int(x) : int(np.ceil(x + w))] = 1
+        return m
+    if isinstance(seg, list):
+        rle = mask_util.merge(mask_util.frPyObjects(seg, height, width))
+    elif isinstance(seg.get("counts"), list):
+        rle = mask_util.frPyObjects(seg, height, width)
+    else:
+        rle = seg
+    return np.ascontiguousarray(mask_util.decode(rle), dtype=np.uint8)
+
+
+def collate(batch):
+    """Detection batches are lists: images differ in size and so do targets."""
+    return tuple(zip(*batch))

@@ -1,0 +1,198 @@
+import json
+
+import numpy as np
+import pytest
+
+from drcl.data.annotations import frequency_group, load_annotations
+from drcl.errors import DataError
+
+
+def test_lvis_fixture_loads_and_keeps_every_field(lvis_files):
+    path, images = lvis_files
+    ann = load_annotations(path, images, check_images="decode")
+    assert ann.num_images == 3 and len(ann.annotations) == 4 and ann.num_categories == 3
+    # LVIS v1 records: no file_name, the name comes from coco_url
+    assert [ann.file_name(i) for i in range(3)] == [
+        "000000000001.jpg",
+        "000000000002.jpg",
+        "000000000003.jpg",
+    ]
+    # image 1 lives in images/train2017/ (the coco_url folder), image 2 flat in images/
+    assert ann.image_path(0) == images / "train2017" / "000000000001.jpg"
+    assert ann.image_path(1) == images / "000000000002.jpg"
+    assert ann.images[0]["neg_category_ids"] == [3]
+    assert ann.images[0]["not_exhaustive_category_ids"] == [2]
+    assert ann.categories[1]["image_count"] == 364 and ann.categories[1]["instance_count"] == 1081
+    assert ann.categories[0]["synonyms"] == ["aerosol_can", "spray_can"]
+    assert ann.frequency == ["c", "f", "r"] and ann.frequency_source == "file"
+    assert all("iscrowd" not in a for a in ann.annotations)
+
+
+def test_arrays_index_the_records(lvis_files):
+    path, _ = lvis_files
+    ann = load_annotations(path)
+    np.testing.assert_array_equal(ann.image_index, [0, 0, 1, 1])
+    np.testing.assert_array_equal(ann.category_index, [0, 1, 1, 2])
+    np.testing.assert_array_equal(ann.instance_count, [1, 2, 1])
+    np.testing.assert_array_equal(ann.image_count, [1, 2, 1])
+    assert ann.anns_by_image == [[0, 1], [2, 3], []]
+
+
+@pytest.mark.parametrize("count,group", [(0, "r"), (1, "r"), (10, "r"), (11, "c"), (100, "c"), (101, "f")])
+def test_frequency_group_thresholds(count, group):
+    assert frequency_group(count) == group
+
+
+def test_frequency_computed_from_image_counts_when_absent(tmp_path):
+    # category 1 in 11 images (common), category 2 in 101 images (frequent), 3 in 10 (rare)
+    images = [{"id": i, "width": 10, "height": 10, "file_name": f"{i}.jpg"} for i in range(101)]
+    anns, k = [], 0
+    for cat, n in ((1, 11), (2, 101), (3, 10)):
+        for i in range(n):
+            for _ in range(2):  # two instances per image must not count twice
+                anns.append({"id": k, "image_id": i, "category_id": cat, "bbox": [1, 1, 2, 2]})
+                k += 1
+    cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    ann = load_annotations(path)
+    assert ann.frequency_source == "computed"
+    assert ann.frequency == ["c", "f", "r"]
+    np.testing.assert_array_equal(ann.image_count, [11, 101, 10])
+    np.testing.assert_array_equal(ann.instance_count, [22, 202, 20])
+
+
+def _write(tmp_path, data, name="bad.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _edit(data, kind, record_id, **changes):
+    rec = next(r for r in data[kind] if r["id"] == record_id)
+    for key, value in changes.items():
+        if value is None:
+            del rec[key]
+        else:
+            rec[key] = value
+
+
+BAD_RECORDS = [
+    # (what to change, words the message must contain)
+    (("annotations", 11, {"category_id": 99}), ["annotation id 11", "unknown category id 99"]),
+    (("annotations", 11, {"image_id": 42}), ["annotation id 11", "unknown image id 42"]),
+    (("annotations", 10, {"bbox": [4, 6, 0, 10]}), ["annotation id 10", "non-positive width or height"]),
+    (("annotations", 10, {"bbox": [4, 6, 20, -1]}), ["annotation id 10", "non-positive width or height"]),
+    (("annotations", 10, {"bbox": [50, 6, 20, 10]}), ["annotation id 10", "outside the 64x48 image id 1"]),
+    (("annotations", 10, {"bbox": [4, 6, 20]}), ["annotation id 10", "bbox must be 4 finite numbers"]),
+    (("annotations", 10, {"bbox": None}), ["annotation id 10", "missing key 'bbox'"]),
+    (("annotations", 12, {"category_id": None}), ["annotation id 12", "missing key 'category_id'"]),
+    (("images", 2, {"coco_url": None}), ["image id 2", "neither 'file_name' nor 'coco_url'"]),
+    (("images", 2, {"width": None}), ["image id 2", "missing key 'width'"]),
+    (("images", 2, {"height": 0}), ["image id 2", "width and height must be positive"]),
+    (("categories", 3, {"frequency": "x"}), ["category id 3", "frequency 'x'"]),
+    (("categories", 3, {"name": None}), ["category id 3", "missing key 'name'"]),
+]
+
+
+@pytest.mark.parametrize("change,words", BAD_RECORDS, ids=[" ".join(w) for _, w in BAD_RECORDS])
+def test_bad_record_names_file_and_record(tmp_path, lvis_dict, change, words):
+    kind, rid, changes = change
+    _edit(lvis_dict, kind, rid, **changes)
+    path = _write(tmp_path, lvis_dict)
+    with pytest.raises(DataError) as e:
+        load_annotations(path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(path))
+    for w in words:
+        assert w in msg
+
+
+def test_skip_policy_drops_and_counts(tmp_path, lvis_dict):
+    _edit(lvis_dict, "annotations", 11, category_id=99)
+    _edit(lvis_dict, "annotations", 13, bbox=[0, 0, -1, 5])
+    ann = load_annotations(_write(tmp_path, lvis_dict), on_bad="skip")
+    assert [a["id"] for a in ann.annotations] == [10, 12]
+    assert ann.skipped["annotations"] == 2
+
+
+def test_skipping_a_category_drops_its_annotations(tmp_path, lvis_dict):
+    _edit(lvis_dict, "categories", 3, frequency="x")
+    ann = load_annotations(_write(tmp_path, lvis_dict), on_bad="skip")
+    assert [c["id"] for c in ann.categories] == [1, 2]
+    assert [a["id"] for a in ann.annotations] == [10, 11, 12]
+    assert ann.skipped == {"categories": 1, "annotations": 1}
+
+
+def test_malformed_json(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"images": [\n{"id": 1,,}]}')
+    with pytest.raises(DataError, match=r"broken\.json: malformed JSON at line 2 column"):
+        load_annotations(path)
+
+
+@pytest.mark.parametrize("content,words", [
+    ("[]", "expected a JSON object"),
+    ('{"images": [], "annotations": []}', "missing top-level key 'categories'"),
+    ('{"images": {}, "annotations": [], "categories": []}', "top-level 'images' must be a list"),
+])
+def test_bad_top_level(tmp_path, content, words):
+    path = tmp_path / "top.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=words):
+        load_annotations(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="nope.json: no such file"):
+        load_annotations(tmp_path / "nope.json")
+
+
+def test_duplicate_ids(tmp_path, lvis_dict):
+    lvis_dict["annotations"][1]["id"] = 10
+    with pytest.raises(DataError, match="annotation id 10: duplicate annotation id"):
+        load_annotations(_write(tmp_path, lvis_dict))
+
+
+def test_box_within_tolerance_is_accepted(tmp_path, lvis_dict):
+    _edit(lvis_dict, "annotations", 11, bbox=[30.0, 20.0, 34.5, 28.5])  # 0.5 px past the edge
+    assert len(load_annotations(_write(tmp_path, lvis_dict)).annotations) == 4
+
+
+def test_missing_image_file(lvis_files):
+    path, images = lvis_files
+    (images / "000000000002.jpg").unlink()
+    with pytest.raises(DataError, match=r"image id 2: image file .*000000000002\.jpg not found"):
+        load_annotations(path, images, check_images="header")
+
+
+def test_undecodable_image_file(lvis_files):
+    path, images = lvis_files
+    (images / "000000000002.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(DataError, match=r"image id 2: image file .* cannot be decoded"):
+        load_annotations(path, images, check_images="header")
+
+
+def test_truncated_image_fails_full_decode(lvis_files):
+    path, images = lvis_files
+    f = images / "000000000002.jpg"
+    f.write_bytes(f.read_bytes()[:300])
+    with pytest.raises(DataError, match=r"image id 2: image file .* cannot be decoded"):
+        load_annotations(path, images, check_images="decode")
+
+
+def test_wrong_image_size(tmp_path, lvis_dict, lvis_files):
+    _, images = lvis_files
+    _edit(lvis_dict, "images", 2, width=81)
+    _edit(lvis_dict, "annotations", 12, bbox=[0, 0, 10, 10])
+    with pytest.raises(DataError, match=r"image id 2: file .* is 80x60 but the record says 81x60"):
+        load_annotations(_write(tmp_path, lvis_dict), images, check_images="header")
+
+
+def test_skip_missing_image_drops_its_annotations(lvis_files):
+    path, images = lvis_files
+    (images / "000000000002.jpg").unlink()
+    ann = load_annotations(path, images, on_bad="skip", check_images="header")
+    assert [img["id"] for img in ann.images] == [1, 3]
+    assert [a["id"] for a in ann.annotations] == [10, 11]
+    assert ann.skipped == {"images": 1, "annotations of skipped images": 2}

@@ -1,0 +1,60 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from drcl.cli import main
+
+
+def test_stats_writes_json_and_plot(lvis_files, tmp_path, capsys):
+    path, images = lvis_files
+    out_json, out_png = tmp_path / "stats.json", tmp_path / "freq.png"
+    assert main(["stats", str(path), "--images", str(images), "--json", str(out_json), "--plot", str(out_png)]) == 0
+    printed = capsys.readouterr().out
+    assert "rare" in printed and "frequent" in printed
+    stats = json.loads(out_json.read_text())
+    assert set(stats["groups"]) == {"r", "c", "f"}
+    assert {"id", "name", "frequency", "image_count", "instance_count"} <= set(stats["categories"][0])
+    assert out_png.stat().st_size > 1000
+
+
+def test_bad_record_is_one_line_and_exit_2(tmp_path, lvis_dict, capsys):
+    lvis_dict["annotations"][2]["category_id"] = 77
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(lvis_dict))
+    assert main(["stats", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert str(path) in err and "annotation id 12" in err and "unknown category id 77" in err
+
+
+def test_skip_reports_how_many(tmp_path, lvis_dict, capsys):
+    lvis_dict["annotations"][2]["category_id"] = 77
+    lvis_dict["annotations"][3]["bbox"] = [0, 0, 0, 0]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(lvis_dict))
+    assert main(["stats", str(path), "--on-bad", "skip"]) == 0
+    assert "skipped 2 bad records (2 annotations)" in capsys.readouterr().err
+
+
+def test_missing_image_via_cli(lvis_files, capsys):
+    path, images = lvis_files
+    (images / "train2017" / "000000000003.jpg").unlink()
+    assert main(["stats", str(path), "--images", str(images)]) == 2
+    assert "image id 3: image file" in capsys.readouterr().err
+
+
+def test_console_script_has_no_traceback(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("{not json")
+    proc = subprocess.run([sys.executable, "-m", "drcl", "stats", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("drcl stats: error: ") and "malformed JSON at line 1" in proc.stderr
+
+
+def test_unknown_option_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["stats"])
+    assert e.value.code == 2
