@@ -58,3 +58,22 @@ def test_unknown_option_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["stats"])
     assert e.value.code == 2
+
+
+def test_make_data_then_stats_shows_all_groups(tmp_path, capsys):
+    out = tmp_path / "lt"
+    assert main(["make-data", str(out), "--classes", "30", "--train-images", "300", "--val-images", "40",
+                 "--image-size", "64", "--imbalance", "100"]) == 0
+    assert "next: drcl stats" in capsys.readouterr().out
+    png = tmp_path / "freq.png"
+    assert main(["stats", str(out / "annotations" / "train.json"), "--images", str(out / "images" / "train"),
+                 "--plot", str(png)]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split()[0]: int(line.split()[1]) for line in table.splitlines()[3:6]}
+    assert set(rows) == {"rare", "common", "frequent"} and min(rows.values()) > 0
+    assert png.exists()
+
+
+def test_make_data_bad_argument_exits_2(tmp_path, capsys):
+    assert main(["make-data", str(tmp_path / "x"), "--classes", "2"]) == 2
+    assert "classes" in capsys.readouterr().err

@@ -82,7 +82,12 @@ def cmd_make_data(args) -> int:
     except ValueError as e:
         print(f"drcl make-data: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    f = summary["frequency"]
+    for split in ("train", "val"):
+        s = summary[split]
+        print(f"{split}: {s['images']} images, {s['instances']} instances -> {s['annotations']}")
+    print(f"{summary['categories']} categories: {f['r']} rare, {f['c']} common, {f['f']} frequent")
+    print(f"next: drcl stats {summary['train']['annotations']} --images {summary['train']['images_dir']}")
     return 0
 
 

@@ -1,7 +1,4 @@
-"""Data: COCO / LVIS v1 reading and validation, the detection Dataset, statistics and
-synthetic long-tailed data."""
-
-from drcl.data.annotations import Annotations, frequency_group, load_annotations
-from drcl.data.dataset import DetectionDataset, collate
-
-__all__ = ["Annotations", "DetectionDataset", "collate", "frequency_group", "load_annotations"]
+"""Data: COCO / LVIS v1 reading and validation (``annotations``), the detection Dataset
+(``dataset``), long-tail statistics (``stats``) and synthetic long-tailed data
+(``synthetic``). Nothing is imported here, so ``drcl make-data`` and ``drcl stats`` start
+without loading torch."""

@@ -83,6 +83,7 @@ def plot_frequency(stats: dict, out_png: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     cats = sorted(stats["categories"], key=lambda c: (-c["image_count"], -c["instance_count"]))
     x = np.arange(len(cats))
@@ -91,14 +92,13 @@ def plot_frequency(stats: dict, out_png: str) -> None:
     colors = [GROUP_COLORS[c["frequency"]] for c in cats]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     ax.bar(x, img, color=colors, width=1.0, alpha=0.8)
-    ax.plot(x, ins, color="black", linewidth=1.2, label="instances")
-    for g in GROUPS:
-        ax.bar([], [], color=GROUP_COLORS[g], label=f"images, {GROUP_NAMES[g]}")
+    (line,) = ax.plot(x, ins, color="black", linewidth=1.2, label="instances")
+    handles = [Patch(color=GROUP_COLORS[g], label=f"images, {GROUP_NAMES[g]}") for g in GROUPS] + [line]
     ax.set_yscale("log")
     ax.set_xlabel("category (sorted by image count)")
     ax.set_ylabel("count (log scale)")
     ax.set_title(f"Class frequency: {stats['file']}", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)
