@@ -1,0 +1,116 @@
+"""Two box-aware views of one image for contrastive pre-training (DESIGN.md §3).
+
+The recipe is MoCo v2's, applied to boxes as well as pixels with ``torchvision.transforms.v2``.
+Each view, independently:
+
+1. ``RandomResizedCrop`` to ``size x size`` (area ``scale``, aspect ``ratio``) and horizontal
+   flip (``flip_p``); boxes follow the geometry and are clipped to the view;
+2. conversion to float32 in [0, 1] (no normalisation: the model normalises);
+3. colour jitter (brightness, contrast, saturation, hue = ``color_jitter``) with probability
+   ``color_jitter_p``, grayscale with probability ``grayscale_p``;
+4. gaussian blur (kernel about 10% of ``size``, sigma in [0.1, 2.0]) with probability
+   ``blur_p[view]`` and solarize (threshold 0.5) with probability ``solarize_p[view]``.
+
+Blur and solarize are asymmetric across the views, as in BYOL and MoCo v3: view 1 is always
+blurred and never solarized, view 2 is rarely blurred (0.1) and sometimes solarized (0.2).
+MoCo v2 itself blurs both views with p = 0.5 and never solarizes; pass ``blur_p=(0.5, 0.5)``,
+``solarize_p=(0.0, 0.0)`` for that.
+
+Pairing rule: boxes keep their input order, ``labels`` and ``ann_ids``. A box whose clipped
+width or height in a view is below ``min_box_size`` pixels is cropped out of that view, and a
+box cropped out of *either* view is dropped from *both*, so the two targets list the same
+boxes in the same order: ``target1["ann_ids"]`` equals ``target2["ann_ids"]`` and row ``k`` of
+``target1["boxes"]`` and of ``target2["boxes"]`` is the same object.
+
+Randomness comes from torch's global RNG (as for every v2 transform), so a fixed
+``torch.manual_seed`` gives the same views. In a ``DataLoader`` each worker's torch RNG is
+seeded with ``base_seed + worker_id``, where ``base_seed`` is drawn from the main process's
+RNG, so a seeded main process (or a seeded ``generator=``) makes the views reproducible for a
+fixed number of workers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+
+class TwoViewTransform:
+    """``(image, target) -> ((image1, target1), (image2, target2))``.
+
+    ``image``: uint8 (3, H, W) tensor (``tv_tensors.Image`` or plain); ``target``: a dict with
+    ``boxes`` (XYXY, pixels), ``labels`` and ``ann_ids`` as :class:`DetectionDataset` yields
+    (missing ``ann_ids`` default to ``0..N-1``; masks and other keys are dropped). Each view
+    is a float32 (3, size, size) plain tensor in [0, 1]; each target has ``boxes`` (float32
+    (K, 4) XYXY in the view's pixels), ``labels`` (int64 (K,)) and ``ann_ids`` (int64 (K,)).
+    """
+
+    def __init__(
+        self,
+        size: int = 160,
+        scale=(0.3, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        flip_p: float = 0.5,
+        color_jitter=(0.4, 0.4, 0.4, 0.1),
+        color_jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        blur_p=(1.0, 0.1),
+        solarize_p=(0.0, 0.2),
+        min_box_size: float = 4.0,
+    ):
+        self.size = size
+        self.min_box_size = float(min_box_size)
+        self.geometric = v2.Compose(
+            [
+                v2.RandomResizedCrop(size, scale=scale, ratio=ratio, antialias=True),
+                v2.RandomHorizontalFlip(flip_p),
+                v2.ClampBoundingBoxes(),
+                v2.ToDtype(torch.float32, scale=True),
+            ]
+        )
+        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+        self.photometric = [
+            v2.Compose(
+                [
+                    v2.RandomApply([v2.ColorJitter(*color_jitter)], p=color_jitter_p),
+                    v2.RandomGrayscale(grayscale_p),
+                    v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur),
+                    v2.RandomSolarize(0.5, p=solarize),
+                ]
+            )
+            for blur, solarize in zip(blur_p, solarize_p)
+        ]
+
+    def view(self, i: int, image: tv_tensors.Image, boxes: tv_tensors.BoundingBoxes):
+        """View ``i`` (0 or 1): the float image and the view's clipped boxes, all of them."""
+        image, boxes = self.geometric(image, boxes)
+        image = self.photometric[i](image)
+        return image.as_subclass(Tensor), boxes.as_subclass(Tensor).to(torch.float32)
+
+    def __call__(self, image, target: dict) -> tuple[tuple[Tensor, dict], tuple[Tensor, dict]]:
+        image = tv_tensors.Image(image)
+        boxes = target["boxes"]
+        if not isinstance(boxes, tv_tensors.BoundingBoxes):
+            boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:]))
+        boxes = v2.ConvertBoundingBoxFormat("XYXY")(boxes)
+        labels = torch.as_tensor(target["labels"], dtype=torch.int64)
+        ann_ids = torch.as_tensor(target.get("ann_ids", torch.arange(len(labels))), dtype=torch.int64)
+
+        views = [self.view(i, image, boxes) for i in (0, 1)]
+        keep = torch.ones(len(labels), dtype=torch.bool)
+        for _, b in views:
+            keep &= ((b[:, 2:] - b[:, :2]) >= self.min_box_size).all(dim=1)
+        return tuple(
+            (img, {"boxes": b[keep], "labels": labels[keep], "ann_ids": ann_ids[keep]}) for img, b in views
+        )
+
+
+def collate_views(batch):
+    """DataLoader ``collate_fn`` for :class:`TwoViewTransform` items:
+    ``(images1 (B, 3, S, S), images2 (B, 3, S, S), targets1 list, targets2 list)``."""
+    (view1, view2) = zip(*batch)
+    images1, targets1 = zip(*view1)
+    images2, targets2 = zip(*view2)
+    return torch.stack(images1), torch.stack(images2), list(targets1), list(targets2)
