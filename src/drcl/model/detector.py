@@ -1,0 +1,152 @@
+"""Detector presets built from torchvision's Faster / Mask R-CNN with FPN.
+
+Everything 2DRCL pre-trains (backbone, FPN, RoI box head) is a module of these detectors, so
+pre-trained weights load into them by ``state_dict`` key, without renaming.
+
+| preset   | backbone  | box head width | images      | RPN / RoI sampling          |
+|----------|-----------|----------------|-------------|-----------------------------|
+| tiny     | ResNet-18 | 256            | 160 (CPU)   | slim: 300/150 proposals, 128 RoIs |
+| r50-fpn  | ResNet-50 | 1024           | 800 x 1333  | torchvision defaults        |
+| r101-fpn | ResNet-101| 1024           | 800 x 1333  | torchvision defaults        |
+
+Normalisation (DESIGN.md §3): torchvision defaults to FrozenBatchNorm2d, right for fine-tuning
+ImageNet weights and wrong for training from scratch or pre-training. ``norm`` picks
+``"bn"`` (BatchNorm; converted to SyncBN under DDP by the engine), ``"gn"`` (GroupNorm, 32
+groups, for tiny per-device batches) or ``"frozen_bn"``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import ResNet18_Weights, ResNet50_Weights, ResNet101_Weights
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "backbone": "resnet18",
+        "representation_size": 256,
+        "min_size": 160,
+        "max_size": 160,
+        "detector": {
+            "rpn_pre_nms_top_n_train": 300,
+            "rpn_post_nms_top_n_train": 150,
+            "rpn_pre_nms_top_n_test": 300,
+            "rpn_post_nms_top_n_test": 150,
+            "rpn_batch_size_per_image": 128,
+            "box_batch_size_per_image": 128,
+            "box_detections_per_img": 100,
+        },
+    },
+    "r50-fpn": {"backbone": "resnet50", "representation_size": 1024, "min_size": 800, "max_size": 1333, "detector": {}},
+    "r101-fpn": {"backbone": "resnet101", "representation_size": 1024, "min_size": 800, "max_size": 1333, "detector": {}},
+}
+
+IMAGENET_WEIGHTS = {
+    "resnet18": ResNet18_Weights.IMAGENET1K_V1,
+    "resnet50": ResNet50_Weights.IMAGENET1K_V1,
+    "resnet101": ResNet101_Weights.IMAGENET1K_V1,
+}
+
+FPN_CHANNELS = 256
+
+
+def norm_layer(norm: str):
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if norm == "gn":
+        return partial(nn.GroupNorm, 32)
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    raise ValueError(f"norm must be 'bn', 'gn' or 'frozen_bn', not {norm!r}")
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def imagenet_weights_file(backbone: str) -> Path:
+    """Where torchvision's weights API keeps the ImageNet checkpoint of ``backbone``."""
+    url = IMAGENET_WEIGHTS[backbone].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def build_backbone(name: str, norm: str = "bn", imagenet: bool = False):
+    """ResNet + FPN (``BackboneWithFPN``), all layers trainable.
+
+    ``imagenet=True`` loads torchvision's ImageNet weights, which must already be on disk
+    (no downloads at run time); a missing file is a clear error naming where to put it.
+    """
+    spec = preset(name)
+    weights = None
+    if imagenet:
+        weights = IMAGENET_WEIGHTS[spec["backbone"]]
+        path = imagenet_weights_file(spec["backbone"])
+        if not path.exists():
+            raise FileNotFoundError(
+                f"ImageNet weights for {spec['backbone']} not found at {path}; place torchvision's "
+                f"{os.path.basename(weights.url)} there (or set TORCH_HOME) or train from random init"
+            )
+    return resnet_fpn_backbone(
+        backbone_name=spec["backbone"], weights=weights, norm_layer=norm_layer(norm), trainable_layers=5
+    )
+
+
+def build_detector(name: str, num_classes: int, norm: str = "bn", masks: bool = False, imagenet: bool = False,
+                   **overrides) -> FasterRCNN:
+    """A torchvision Faster R-CNN (``masks=True``: Mask R-CNN) with FPN for ``preset`` ``name``.
+
+    ``num_classes`` counts the background class (C categories -> C + 1).
+    """
+    spec = preset(name)
+    backbone = build_backbone(name, norm, imagenet)
+    rep = spec["representation_size"]
+    kwargs = dict(spec["detector"], min_size=spec["min_size"], max_size=spec["max_size"])
+    kwargs.update(overrides)
+    box_head = TwoMLPHead(FPN_CHANNELS * 7 * 7, rep)
+    cls = MaskRCNN if masks else FasterRCNN
+    return cls(backbone, box_head=box_head, box_predictor=FastRCNNPredictor(rep, num_classes), **kwargs)
+
+
+class Encoder(nn.Module):
+    """What 2DRCL pre-trains: the detector's backbone + FPN and its RoI box head.
+
+    Attribute names mirror torchvision's detectors, so ``encoder.state_dict()`` keys
+    (``backbone.body.*``, ``backbone.fpn.*``, ``roi_heads.box_head.*``) are exactly the
+    detector's and load with ``detector.load_state_dict(sd, strict=False)``.
+    """
+
+    def __init__(self, detector: FasterRCNN):
+        super().__init__()
+        self.backbone = detector.backbone
+        self.roi_heads = nn.Module()
+        self.roi_heads.box_head = detector.roi_heads.box_head
+        self.box_roi_pool = detector.roi_heads.box_roi_pool  # MultiScaleRoIAlign, 7x7, no parameters
+        self.last_channels = self.backbone.body.layer4[-1].conv1.in_channels
+        self.representation_size = detector.roi_heads.box_head.fc7.out_features
+
+    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor] | None = None):
+        """Normalised images (B, 3, H, W) -> dict with ``c5`` (B, C5 channels, pooled),
+        ``fpn`` (OrderedDict of FPN levels) and, when ``boxes`` (per-image (K_i, 4) XYXY in
+        pixels) is given, ``roi`` (sum K_i, representation_size) box-head embeddings."""
+        stages = self.backbone.body(images)
+        fpn = self.backbone.fpn(stages)
+        out = {"c5": stages[next(reversed(stages))].mean(dim=(2, 3)), "fpn": fpn}
+        if boxes is not None:
+            size = [tuple(images.shape[-2:])] * images.shape[0]
+            out["roi"] = self.roi_heads.box_head(self.box_roi_pool(fpn, boxes, size))
+        return out
+
+
+def build_encoder(name: str, norm: str = "bn", imagenet: bool = False) -> Encoder:
+    # num_classes is irrelevant: the predictor is not part of the encoder
+    return Encoder(build_detector(name, num_classes=2, norm=norm, imagenet=imagenet))

@@ -1,0 +1,27 @@
+"""Holistic Contrastive Learning (HCL): image-level contrast, symmetric over two views.
+
+Queries q_v = predictor(projector(pool(C5 of view v))) from the online encoder, keys
+k_v = projector(pool(C5 of view v)) from the momentum encoder. The positive of q1_i is k2_i;
+negatives are the other images' keys in the batch and the queue:
+
+    L_HCL = ( NCE(q1; [k2, queue]) + NCE(q2; [k1, queue]) ) / 2,   temperature 0.2
+
+with NCE the InfoNCE of :mod:`drcl.model.infonce`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from drcl.model.infonce import info_nce
+
+
+def hcl_loss(q1, q2, k1, k2, queue: torch.Tensor, temperature: float = 0.2):
+    """q1, q2 (B, D) online queries; k1, k2 (B, D) momentum keys; queue (Q, D)."""
+    b = q1.shape[0]
+    pos = torch.zeros(b, b + queue.shape[0], dtype=torch.bool, device=q1.device)
+    pos[:, :b] = torch.eye(b, dtype=torch.bool, device=q1.device)
+    loss1, s1 = info_nce(q1, torch.cat([k2, queue]), pos, temperature)
+    loss2, s2 = info_nce(q2, torch.cat([k1, queue]), pos, temperature)
+    stats = {k: (s1[k] + s2[k]) / 2 for k in s1}
+    return (loss1 + loss2) / 2, stats

@@ -1,0 +1,56 @@
+"""Local Contrastive Learning (LCL): box-level contrast across the two views.
+
+Up to K boxes per image are chosen without replacement with probability proportional to
+their category's repeat factor r_a(c) (DRB at the instance level, DESIGN.md §2), so tail
+instances in crowded images are not drowned by head instances; uniformly with DRB off.
+For each chosen box, MultiScaleRoIAlign (7x7) over the FPN -> box head -> projector ->
+predictor gives the online query; the same box in the other view through the momentum
+encoder is the positive; every other box in the batch and the box queue is a negative:
+
+    L_LCL = ( NCE(q1; [k2, queue]) + NCE(q2; [k1, queue]) ) / 2
+
+With ``supervised=True`` keys of the same category (label > 0) in the batch and the queue
+count as extra positives (the multi-positive form in :mod:`drcl.model.infonce`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from drcl.model.infonce import info_nce
+from drcl.sampling import choose_boxes
+
+
+def select_boxes(targets1, targets2, k: int, category_weights: torch.Tensor | None, generator: torch.Generator):
+    """Choose up to ``k`` paired boxes per image.
+
+    ``targets*`` are the views' targets (boxes paired by position, labels 1..C);
+    ``category_weights`` (C,) are per-category weights (repeat factors), or None for uniform.
+    Returns (boxes1 list, boxes2 list, labels (sum K,)).
+    """
+    boxes1, boxes2, labels = [], [], []
+    for t1, t2 in zip(targets1, targets2):
+        lab = t1["labels"]
+        if category_weights is None:
+            w = torch.ones(len(lab))
+        else:
+            w = category_weights.to(torch.float64).cpu()[lab.cpu() - 1]
+        idx = choose_boxes(w, k, generator).to(lab.device)
+        boxes1.append(t1["boxes"][idx])
+        boxes2.append(t2["boxes"][idx])
+        labels.append(lab[idx])
+    return boxes1, boxes2, torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+
+
+def lcl_loss(q1, q2, k1, k2, labels, queue_keys, queue_labels, temperature: float = 0.2, supervised: bool = False):
+    """q*, k* (N, D) for the same N boxes in order; labels (N,); queue (Q, D) with labels (Q,)."""
+    n = q1.shape[0]
+    pos = torch.zeros(n, n + queue_keys.shape[0], dtype=torch.bool, device=q1.device)
+    pos[:, :n] = torch.eye(n, dtype=torch.bool, device=q1.device)
+    if supervised:
+        key_labels = torch.cat([labels, queue_labels])
+        pos |= (labels[:, None] == key_labels[None, :]) & (labels[:, None] > 0)
+    loss1, s1 = info_nce(q1, torch.cat([k2, queue_keys]), pos, temperature)
+    loss2, s2 = info_nce(q2, torch.cat([k1, queue_keys]), pos, temperature)
+    stats = {k: (s1[k] + s2[k]) / 2 for k in s1}
+    return (loss1 + loss2) / 2, stats

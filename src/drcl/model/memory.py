@@ -1,0 +1,80 @@
+"""The momentum (EMA) encoder update and the key queues, MoCo style (He et al. 2020).
+
+Momentum update, with m going from ``base`` (0.99) to 1 on a cosine schedule over training
+progress p in [0, 1]:
+
+    m(p) = 1 - (1 - base) * (cos(pi p) + 1) / 2
+    theta_momentum <- m * theta_momentum + (1 - m) * theta_online
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def momentum_at(progress: float, base: float = 0.99) -> float:
+    p = min(max(progress, 0.0), 1.0)
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * p) + 1.0) / 2.0
+
+
+@torch.no_grad()
+def momentum_update(online: nn.Module, momentum: nn.Module, m: float) -> None:
+    """EMA of the online parameters into the momentum copy (buffers such as BN running
+    statistics are the momentum encoder's own, as in MoCo)."""
+    for p_o, p_m in zip(online.parameters(), momentum.parameters()):
+        p_m.mul_(m).add_(p_o.detach(), alpha=1.0 - m)
+
+
+@torch.no_grad()
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` from every rank (rank order; ranks may hold different numbers of
+    rows); ``t`` itself when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([t.shape[0]], device=t.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest,) + t.shape[1:], dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+class KeyQueue(nn.Module):
+    """A FIFO of ``size`` keys (and their labels, -1 for unknown) kept as buffers, so it is
+    saved with the model. Only the filled part is used as negatives, so early training does not
+    contrast against random vectors."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("keys", torch.zeros(size, dim))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.keys.shape[0]
+
+    def valid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = int(self.filled)
+        return self.keys[:n], self.labels[:n]
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Write keys (gathered from all ranks) after the newest, wrapping around."""
+        if labels is None:
+            labels = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
+        keys, labels = gather(keys.detach()), gather(labels)
+        keys, labels = keys[-self.size :], labels[-self.size :]
+        n = keys.shape[0]
+        idx = (int(self.ptr) + torch.arange(n, device=keys.device)) % self.size
+        self.keys[idx] = keys.to(self.keys.dtype)
+        self.labels[idx] = labels
+        self.ptr.fill_((int(self.ptr) + n) % self.size)
+        self.filled.fill_(min(int(self.filled) + n, self.size))
