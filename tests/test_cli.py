@@ -77,3 +77,40 @@ def test_make_data_then_stats_shows_all_groups(tmp_path, capsys):
 def test_make_data_bad_argument_exits_2(tmp_path, capsys):
     assert main(["make-data", str(tmp_path / "x"), "--classes", "2"]) == 2
     assert "classes" in capsys.readouterr().err
+
+
+def test_stats_repeat_factors_json(lvis_files, tmp_path, capsys):
+    path, _ = lvis_files
+    out = tmp_path / "rf.json"
+    png = tmp_path / "share.png"
+    assert main(["stats", str(path), "--repeat-factors", "rfs", "--threshold", "0.5", "--json", str(out),
+                 "--plot", str(png)]) == 0
+    stats = json.loads(out.read_text())
+    # f_img = 1/3, 2/3, 1/3 over 3 images -> category factors sqrt(1.5), 1, sqrt(1.5)
+    assert stats["repeat_factors"] == pytest.approx({"1": 1.5 ** 0.5, "2": 1.5 ** 0.5, "3": 1.0})
+    assert [c["repeat_factor"] for c in stats["categories"]] == pytest.approx([1.5 ** 0.5, 1.0, 1.5 ** 0.5])
+    assert stats["repeat_factor_settings"] == {"mode": "rfs", "threshold": 0.5, "alpha": None}
+    assert "expected instance share per group" in capsys.readouterr().out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stats_dynamic_alpha_zero_is_instance_level(lvis_files, tmp_path):
+    path, _ = lvis_files
+    out = tmp_path / "rf.json"
+    assert main(["stats", str(path), "--repeat-factors", "dynamic", "--alpha", "0", "--threshold", "0.5",
+                 "--json", str(out)]) == 0
+    # f_ins = 1/4, 2/4, 1/4 over 4 instances -> sqrt(2), 1, sqrt(2)
+    assert [c["repeat_factor"] for c in json.loads(out.read_text())["categories"]] == pytest.approx(
+        [2 ** 0.5, 1.0, 2 ** 0.5])
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--repeat-factors", "dynamic"], "needs --alpha"),
+    (["--repeat-factors", "rfs", "--alpha", "0.5"], "dynamic only"),
+    (["--repeat-factors", "dynamic", "--alpha", "2"], "alpha"),
+    (["--repeat-factors", "rfs", "--threshold", "0"], "threshold"),
+])
+def test_stats_repeat_factor_option_errors(lvis_files, capsys, args, words):
+    assert main(["stats", str(lvis_files[0]), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("drcl stats: error: ") and words in err

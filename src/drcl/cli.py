@@ -44,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("annotations", help="COCO or LVIS v1 annotation JSON")
     p.add_argument("--images", help="image folder: also check every image file exists and decodes")
     p.add_argument("--json", dest="json_out", help="write per-category and per-group statistics here")
-    p.add_argument("--plot", help="write the sorted class-frequency curve (PNG) here")
+    p.add_argument("--plot", help="write the sorted class-frequency curve (PNG) here; with "
+                   "--repeat-factors also the per-class sampling share under each sampler")
+    p.add_argument("--repeat-factors", choices=("random", "rfs", "irfs", "dynamic"),
+                   help="compute repeat factors with this mode and add them to --json")
+    p.add_argument("--threshold", type=float, default=1e-3, help="repeat threshold t (default 1e-3, as on LVIS)")
+    p.add_argument("--alpha", type=float, help="dynamic mode: weight a in [0, 1] (1 image-level, 0 instance-level)")
     _add_on_bad(p)
     p.set_defaults(func=cmd_stats)
 
@@ -61,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"drcl {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except _UsageError as e:
+        print(f"drcl {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"drcl {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -105,13 +113,53 @@ def cmd_stats(args) -> int:
     _report_skipped(ann)
     stats = category_stats(ann)
     print(format_table(stats))
+    shares = None
+    if args.repeat_factors:
+        shares = _add_repeat_factors(args, ann, stats)
     if args.json_out:
         _write_json(args.json_out, stats)
         print(f"wrote {args.json_out}")
     if args.plot:
-        plot_frequency(stats, args.plot)
+        plot_frequency(stats, args.plot, shares)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _add_repeat_factors(args, ann, stats: dict) -> dict:
+    """Add ``repeat_factors`` (image id -> factor) and per-category factors to ``stats``,
+    print the expected per-group share; return the per-class shares of every sampler."""
+    import numpy as np
+
+    from drcl.sampling import expected_sampling_share, repeat_factors_for, sampling_shares
+
+    if args.repeat_factors == "dynamic" and args.alpha is None:
+        raise _UsageError("--repeat-factors dynamic needs --alpha A (1 = image-level, 0 = instance-level)")
+    if args.repeat_factors != "dynamic" and args.alpha is not None:
+        raise _UsageError("--alpha applies to --repeat-factors dynamic only")
+    alpha = 1.0 if args.alpha is None else args.alpha
+    arrays = (ann.image_index, ann.category_index, ann.num_images, ann.num_categories)
+    try:
+        cat, img = repeat_factors_for(*arrays, args.repeat_factors, args.threshold, alpha)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    stats["repeat_factor_settings"] = {"mode": args.repeat_factors, "threshold": args.threshold,
+                                       "alpha": args.alpha}
+    stats["repeat_factors"] = {str(rec["id"]): float(r) for rec, r in zip(ann.images, img)}
+    for entry, r in zip(stats["categories"], cat):
+        entry["repeat_factor"] = float(r)
+    share = expected_sampling_share(img, ann.image_index, ann.category_index, ann.num_categories)
+    freq = np.array(ann.frequency)
+    print(f"repeat factors ({args.repeat_factors}, t={args.threshold:g}"
+          + (f", alpha={alpha:g}" if args.repeat_factors == "dynamic" else "")
+          + f"): images drawn {img.sum():.0f} times per epoch (x{img.mean():.2f}), max factor {img.max():.2f}")
+    print("expected instance share per group: " + ", ".join(
+        f"{stats['groups'][g]['name']} {stats['groups'][g]['instance_share']:.1%} -> {share[freq == g].sum():.1%}"
+        for g in ("r", "c", "f")))
+    return sampling_shares(*arrays, threshold=args.threshold)
+
+
+class _UsageError(Exception):
+    """Bad combination of command-line options (exit 2)."""
 
 
 def cmd_demo(args) -> int:

@@ -86,8 +86,8 @@ class Annotations:
         )
         c = len(self.categories)
         self.instance_count = np.bincount(self.category_index, minlength=c)
-        pairs = np.unique(self.image_index * c + self.category_index)
-        self.image_count = np.bincount(pairs % c, minlength=c) if c else np.zeros(0, np.int64)
+        _, pair_categories = distinct_pairs(self.image_index, self.category_index, c)
+        self.image_count = np.bincount(pair_categories, minlength=c)
         if self.categories and all("frequency" in cat for cat in self.categories):
             self.frequency = [cat["frequency"] for cat in self.categories]
             self.frequency_source = "file"
@@ -116,6 +116,22 @@ class Annotations:
 
     def describe_image(self, i: int) -> str:
         return f"image id {self.images[i]['id']} ({self.file_name(i)})"
+
+
+def distinct_pairs(image_index: np.ndarray, category_index: np.ndarray, num_categories: int):
+    """The distinct (image, category) pairs as two arrays, sorted by image then category.
+
+    Sort-and-compare instead of ``np.unique``: the latter hashes in NumPy >= 2.3 and is
+    ~40x slower on LVIS-sized inputs.
+    """
+    if image_index.size == 0:
+        return image_index, category_index
+    c = np.int64(max(num_categories, 1))
+    key = np.sort(image_index * c + category_index)
+    keep = np.empty(key.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(key[1:], key[:-1], out=keep[1:])
+    return np.divmod(key[keep], c)
 
 
 def image_file_name(rec: dict) -> str:

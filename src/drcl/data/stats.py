@@ -77,20 +77,28 @@ def format_table(stats: dict) -> str:
 GROUP_COLORS = {"r": "tab:red", "c": "tab:orange", "f": "tab:blue"}
 
 
-def plot_frequency(stats: dict, out_png: str) -> None:
-    """Sorted class-frequency curve, image-level and instance-level, coloured by group."""
+def plot_frequency(stats: dict, out_png: str, shares: dict | None = None) -> None:
+    """Sorted class-frequency curve, image-level and instance-level, coloured by group.
+
+    ``shares`` (label -> per-category expected instance share, in the order of
+    ``stats["categories"]``) adds a second panel comparing sampling settings.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    cats = sorted(stats["categories"], key=lambda c: (-c["image_count"], -c["instance_count"]))
+    order = sorted(range(len(stats["categories"])),
+                   key=lambda i: (-stats["categories"][i]["image_count"], -stats["categories"][i]["instance_count"]))
+    cats = [stats["categories"][i] for i in order]
     x = np.arange(len(cats))
     img = np.array([c["image_count"] for c in cats])
     ins = np.array([c["instance_count"] for c in cats])
     colors = [GROUP_COLORS[c["frequency"]] for c in cats]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    panels = 2 if shares else 1
+    fig, axes = plt.subplots(1, panels, figsize=(8 * panels, 4.5), dpi=100, squeeze=False)
+    ax = axes[0, 0]
     ax.bar(x, img, color=colors, width=1.0, alpha=0.8)
     (line,) = ax.plot(x, ins, color="black", linewidth=1.2, label="instances")
     handles = [Patch(color=GROUP_COLORS[g], label=f"images, {GROUP_NAMES[g]}") for g in GROUPS] + [line]
@@ -99,6 +107,17 @@ def plot_frequency(stats: dict, out_png: str) -> None:
     ax.set_ylabel("count (log scale)")
     ax.set_title(f"Class frequency: {stats['file']}", fontsize=9)
     ax.legend(handles=handles, fontsize=8)
+    if shares:
+        ax = axes[0, 1]
+        for label, share in shares.items():
+            style = {"color": "black", "linewidth": 2.0} if label == "random" else {"linewidth": 1.2}
+            name = "random (raw instance share)" if label == "random" else label
+            ax.plot(x, np.asarray(share)[order], label=name, **style)
+        ax.set_yscale("log")
+        ax.set_xlabel("category (sorted by image count)")
+        ax.set_ylabel("expected share of sampled instances (log scale)")
+        ax.set_title("Per-class sampling share", fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)

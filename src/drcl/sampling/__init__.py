@@ -7,6 +7,7 @@ vectorised. :class:`RepeatFactorSampler` turns them into per-epoch, per-rank ind
 
 from .repeat_factors import (
     MODES,
+    SHARE_SETTINGS,
     Mode,
     box_weights,
     category_frequencies,
@@ -14,6 +15,8 @@ from .repeat_factors import (
     choose_boxes,
     expected_sampling_share,
     image_repeat_factors,
+    repeat_factors_for,
+    sampling_shares,
 )
 from .sampler import RepeatFactorSampler
 from .schedules import SCHEDULES, AlphaSchedule, ScheduleKind, alpha_schedule
@@ -21,6 +24,7 @@ from .schedules import SCHEDULES, AlphaSchedule, ScheduleKind, alpha_schedule
 __all__ = [
     "MODES",
     "SCHEDULES",
+    "SHARE_SETTINGS",
     "AlphaSchedule",
     "Mode",
     "RepeatFactorSampler",
@@ -32,4 +36,6 @@ __all__ = [
     "choose_boxes",
     "expected_sampling_share",
     "image_repeat_factors",
+    "repeat_factors_for",
+    "sampling_shares",
 ]

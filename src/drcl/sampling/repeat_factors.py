@@ -36,6 +36,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from drcl.data.annotations import distinct_pairs
+
 __all__ = [
     "MODES",
     "Mode",
@@ -102,24 +104,6 @@ def _check_factors(category_factors, name: str = "category_factors") -> np.ndarr
     return arr
 
 
-def _distinct_pairs(
-    image_index: np.ndarray, category_index: np.ndarray, num_categories: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct (image, category) pairs, sorted by image then category.
-
-    Sort-and-compare instead of ``np.unique``: the latter hashes in NumPy >= 2.3 and is
-    ~40x slower on LVIS-sized inputs.
-    """
-    if image_index.size == 0:
-        return image_index, category_index
-    key = np.sort(image_index * np.int64(max(num_categories, 1)) + category_index)
-    keep = np.empty(key.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(key[1:], key[:-1], out=keep[1:])
-    key = key[keep]
-    return np.divmod(key, np.int64(max(num_categories, 1)))
-
-
 # ----------------------------------------------------------------------------- frequencies
 def category_frequencies(
     image_index, category_index, num_images: int, num_categories: int
@@ -143,7 +127,7 @@ def category_frequencies(
     image_index, category_index = _check_annotations(
         image_index, category_index, num_images, num_categories
     )
-    _, pair_categories = _distinct_pairs(image_index, category_index, num_categories)
+    _, pair_categories = distinct_pairs(image_index, category_index, num_categories)
     images_with = np.bincount(pair_categories, minlength=num_categories).astype(np.float64)
     instances = np.bincount(category_index, minlength=num_categories).astype(np.float64)
     num_instances = category_index.size
@@ -342,3 +326,37 @@ def choose_boxes(weights, k: int, generator: torch.Generator | None = None) -> t
     if n == 0:
         return torch.empty(0, dtype=torch.int64)
     return torch.multinomial(w, n, replacement=False, generator=generator)
+
+
+# ----------------------------------------------------------------------------- reports
+#: The settings compared in ``drcl stats --repeat-factors ... --plot``.
+SHARE_SETTINGS: tuple[tuple[str, str, float], ...] = (
+    ("random", "random", 1.0),
+    ("rfs", "rfs", 1.0),
+    ("irfs", "irfs", 1.0),
+    ("dynamic a=1", "dynamic", 1.0),
+    ("dynamic a=0.5", "dynamic", 0.5),
+    ("dynamic a=0", "dynamic", 0.0),
+)
+
+
+def repeat_factors_for(
+    image_index, category_index, num_images: int, num_categories: int,
+    mode: Mode = "rfs", threshold: float = 1e-3, alpha: float = 1.0, sqrt: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(category factors (C,), image factors (N,)) of a dataset in one call."""
+    f_img, f_ins = category_frequencies(image_index, category_index, num_images, num_categories)
+    cat = category_repeat_factors(f_img, f_ins, mode, threshold, alpha, sqrt)
+    return cat, image_repeat_factors(cat, image_index, category_index, num_images)
+
+
+def sampling_shares(
+    image_index, category_index, num_images: int, num_categories: int, threshold: float = 1e-3
+) -> dict[str, np.ndarray]:
+    """Expected per-category instance share under each of :data:`SHARE_SETTINGS`
+    (``random`` is the raw instance distribution)."""
+    shares = {}
+    for label, mode, alpha in SHARE_SETTINGS:
+        _, img = repeat_factors_for(image_index, category_index, num_images, num_categories, mode, threshold, alpha)
+        shares[label] = expected_sampling_share(img, image_index, category_index, num_categories)
+    return shares

@@ -15,11 +15,12 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from drcl.data.annotations import distinct_pairs
+
 from .repeat_factors import (
     MODES,
     Mode,
     _check_annotations,
-    _distinct_pairs,
     category_frequencies,
     category_repeat_factors,
     image_repeat_factors,
@@ -169,7 +170,7 @@ class RepeatFactorSampler(Sampler[int]):
         self.f_img = _frozen(f_img)
         self.f_ins = _frozen(f_ins)
         # Only the distinct (image, category) pairs matter for image factors.
-        self._pair_images, self._pair_categories = _distinct_pairs(
+        self._pair_images, self._pair_categories = distinct_pairs(
             image_index, category_index, num_categories
         )
 
