@@ -116,3 +116,31 @@ def test_every_loss_falls_when_overfitting_two_images():
         # queues are full after step 2; compare the first full-queue steps to the last ones
         early, late = sum(values[2:6]) / 4, sum(values[-4:]) / 4
         assert late < 0.8 * early, (t, early, late)
+
+
+def test_drb_box_choice_prefers_rare_categories_and_keeps_pairs():
+    from drcl.model.lcl import select_boxes
+
+    boxes = torch.tensor([[float(i), 0, i + 5.0, 5] for i in range(10)])
+    labels = torch.tensor([1] * 8 + [2, 0])  # eight head boxes, one tail box, one proposal (label 0)
+    t1 = [{"boxes": boxes, "labels": labels}]
+    t2 = [{"boxes": boxes + 100, "labels": labels}]
+    g = torch.Generator().manual_seed(0)
+    picked = []
+    for _ in range(300):
+        b1, b2, lab = select_boxes(t1, t2, 1, torch.tensor([1.0, 40.0]), g)
+        assert torch.equal(b2[0] - b1[0], torch.full_like(b1[0], 100.0))  # same boxes in both views
+        picked.append(int(lab[0]))
+    # weights 8 x 1 (head), 40 (tail), 1 (unknown): tail expected 40/49 of the time
+    assert 0.7 < picked.count(2) / 300 < 0.9
+    uniform = [int(select_boxes(t1, t2, 1, None, g)[2][0]) for _ in range(300)]
+    assert uniform.count(2) / 300 < 0.25
+
+
+def test_hcl_only_skips_the_fpn(monkeypatch):
+    model = _model(lcl=False, ar=False, sr=False)
+    calls = []
+    fpn = model.online.encoder.backbone.fpn
+    monkeypatch.setattr(fpn, "forward", lambda *a, **k: calls.append(1))
+    out = model(*_batch(), generator=torch.Generator().manual_seed(0))
+    assert set(k for k in out if k in ("hcl", "lcl", "ar", "sr")) == {"hcl"} and calls == []

@@ -25,16 +25,17 @@ def select_boxes(targets1, targets2, k: int, category_weights: torch.Tensor | No
     """Choose up to ``k`` paired boxes per image.
 
     ``targets*`` are the views' targets (boxes paired by position, labels 1..C);
-    ``category_weights`` (C,) are per-category weights (repeat factors), or None for uniform.
+    ``category_weights`` (C,) are per-category weights (repeat factors), or None for uniform;
+    boxes with label 0 (proposals, random boxes) weigh 1.
     Returns (boxes1 list, boxes2 list, labels (sum K,)).
     """
     boxes1, boxes2, labels = [], [], []
     for t1, t2 in zip(targets1, targets2):
         lab = t1["labels"]
-        if category_weights is None:
-            w = torch.ones(len(lab))
-        else:
-            w = category_weights.to(torch.float64).cpu()[lab.cpu() - 1]
+        w = torch.ones(len(lab), dtype=torch.float64)
+        known = lab.cpu() > 0  # label 0: proposal or random box, category unknown
+        if category_weights is not None:
+            w[known] = category_weights.to(torch.float64).cpu()[lab.cpu()[known] - 1]
         idx = choose_boxes(w, k, generator).to(lab.device)
         boxes1.append(t1["boxes"][idx])
         boxes2.append(t2["boxes"][idx])
