@@ -3,11 +3,15 @@
 Everything 2DRCL pre-trains (backbone, FPN, RoI box head) is a module of these detectors, so
 pre-trained weights load into them by ``state_dict`` key, without renaming.
 
-| preset   | backbone  | box head width | images      | RPN / RoI sampling          |
-|----------|-----------|----------------|-------------|-----------------------------|
-| tiny     | ResNet-18 | 256            | 160 (CPU)   | slim: 300/150 proposals, 128 RoIs |
-| r50-fpn  | ResNet-50 | 1024           | 800 x 1333  | torchvision defaults        |
-| r101-fpn | ResNet-101| 1024           | 800 x 1333  | torchvision defaults        |
+| preset   | backbone  | FPN width | box head width | images     | RPN / RoI sampling                |
+|----------|-----------|-----------|----------------|------------|-----------------------------------|
+| tiny     | ResNet-18 | 128       | 256            | 160 (CPU)  | slim: 300/150 proposals, 128 RoIs |
+| r50-fpn  | ResNet-50 | 256       | 1024           | 800 x 1333 | torchvision defaults              |
+| r101-fpn | ResNet-101| 256       | 1024           | 800 x 1333 | torchvision defaults              |
+
+The tiny preset's FPN is 128 wide because at 160 px a 256-wide FPN costs more than the
+ResNet-18 under it on a CPU (its stride-4 3x3 output conv alone took two thirds of the FPN's
+time), and pre-training runs it forward and backward for every view.
 
 Normalisation (DESIGN.md §3): torchvision defaults to FrozenBatchNorm2d, right for fine-tuning
 ImageNet weights and wrong for training from scratch or pre-training. ``norm`` picks
@@ -23,15 +27,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import ResNet18_Weights, ResNet50_Weights, ResNet101_Weights
+from torchvision.models import ResNet18_Weights, ResNet50_Weights, ResNet101_Weights, resnet
 from torchvision.models.detection import FasterRCNN, MaskRCNN
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 PRESETS: dict[str, dict] = {
     "tiny": {
         "backbone": "resnet18",
+        "fpn_channels": 128,
         "representation_size": 256,
         "min_size": 160,
         "max_size": 160,
@@ -45,8 +52,8 @@ PRESETS: dict[str, dict] = {
             "box_detections_per_img": 100,
         },
     },
-    "r50-fpn": {"backbone": "resnet50", "representation_size": 1024, "min_size": 800, "max_size": 1333, "detector": {}},
-    "r101-fpn": {"backbone": "resnet101", "representation_size": 1024, "min_size": 800, "max_size": 1333, "detector": {}},
+    "r50-fpn": {"backbone": "resnet50", "fpn_channels": 256, "representation_size": 1024, "min_size": 800, "max_size": 1333, "detector": {}},
+    "r101-fpn": {"backbone": "resnet101", "fpn_channels": 256, "representation_size": 1024, "min_size": 800, "max_size": 1333, "detector": {}},
 }
 
 IMAGENET_WEIGHTS = {
@@ -54,9 +61,6 @@ IMAGENET_WEIGHTS = {
     "resnet50": ResNet50_Weights.IMAGENET1K_V1,
     "resnet101": ResNet101_Weights.IMAGENET1K_V1,
 }
-
-FPN_CHANNELS = 256
-
 
 def norm_layer(norm: str):
     if norm == "bn":
@@ -81,7 +85,8 @@ def imagenet_weights_file(backbone: str) -> Path:
 
 
 def build_backbone(name: str, norm: str = "bn", imagenet: bool = False):
-    """ResNet + FPN (``BackboneWithFPN``), all layers trainable.
+    """ResNet + FPN (``BackboneWithFPN``, as torchvision's ``resnet_fpn_backbone`` builds it
+    with all layers trainable, but with the preset's FPN width).
 
     ``imagenet=True`` loads torchvision's ImageNet weights, which must already be on disk
     (no downloads at run time); a missing file is a clear error naming where to put it.
@@ -96,8 +101,14 @@ def build_backbone(name: str, norm: str = "bn", imagenet: bool = False):
                 f"ImageNet weights for {spec['backbone']} not found at {path}; place torchvision's "
                 f"{os.path.basename(weights.url)} there (or set TORCH_HOME) or train from random init"
             )
-    return resnet_fpn_backbone(
-        backbone_name=spec["backbone"], weights=weights, norm_layer=norm_layer(norm), trainable_layers=5
+    body = getattr(resnet, spec["backbone"])(weights=weights, norm_layer=norm_layer(norm))
+    width = body.inplanes // 8  # channels out of layer1
+    return BackboneWithFPN(
+        body,
+        return_layers={f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
+        in_channels_list=[width * 2 ** (k - 1) for k in (1, 2, 3, 4)],
+        out_channels=spec["fpn_channels"],
+        extra_blocks=LastLevelMaxPool(),
     )
 
 
@@ -112,9 +123,12 @@ def build_detector(name: str, num_classes: int, norm: str = "bn", masks: bool = 
     rep = spec["representation_size"]
     kwargs = dict(spec["detector"], min_size=spec["min_size"], max_size=spec["max_size"])
     kwargs.update(overrides)
-    box_head = TwoMLPHead(FPN_CHANNELS * 7 * 7, rep)
-    cls = MaskRCNN if masks else FasterRCNN
-    return cls(backbone, box_head=box_head, box_predictor=FastRCNNPredictor(rep, num_classes), **kwargs)
+    box_head = TwoMLPHead(backbone.out_channels * 7 * 7, rep)
+    box_predictor = FastRCNNPredictor(rep, num_classes)
+    if masks:
+        mask_predictor = MaskRCNNPredictor(256, 256, num_classes)
+        return MaskRCNN(backbone, box_head=box_head, box_predictor=box_predictor, mask_predictor=mask_predictor, **kwargs)
+    return FasterRCNN(backbone, box_head=box_head, box_predictor=box_predictor, **kwargs)
 
 
 class Encoder(nn.Module):
@@ -133,14 +147,18 @@ class Encoder(nn.Module):
         self.box_roi_pool = detector.roi_heads.box_roi_pool  # MultiScaleRoIAlign, 7x7, no parameters
         self.last_channels = self.backbone.body.layer4[-1].conv1.in_channels
         self.representation_size = detector.roi_heads.box_head.fc7.out_features
+        self.fpn_channels = self.backbone.out_channels
 
-    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor] | None = None):
+    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor] | None = None, fpn: bool = True):
         """Normalised images (B, 3, H, W) -> dict with ``c5`` (B, C5 channels, pooled),
-        ``fpn`` (OrderedDict of FPN levels) and, when ``boxes`` (per-image (K_i, 4) XYXY in
-        pixels) is given, ``roi`` (sum K_i, representation_size) box-head embeddings."""
+        ``fpn`` (OrderedDict of FPN levels; skipped with ``fpn=False``) and, when ``boxes``
+        (per-image (K_i, 4) XYXY in pixels) is given, ``roi`` (sum K_i, representation_size)
+        box-head embeddings."""
         stages = self.backbone.body(images)
-        fpn = self.backbone.fpn(stages)
-        out = {"c5": stages[next(reversed(stages))].mean(dim=(2, 3)), "fpn": fpn}
+        out = {"c5": stages[next(reversed(stages))].mean(dim=(2, 3))}
+        if not (fpn or boxes is not None):
+            return out
+        out["fpn"] = fpn = self.backbone.fpn(stages)
         if boxes is not None:
             size = [tuple(images.shape[-2:])] * images.shape[0]
             out["roi"] = self.roi_heads.box_head(self.box_roi_pool(fpn, boxes, size))

@@ -14,8 +14,8 @@ One training step, for a batch of two augmented views (x1, x2) with paired boxes
 6. enqueue the momentum keys (gathered over ranks).
 
 The momentum update is a separate call (:meth:`DRCL.momentum_update`) made by the training
-loop after the optimiser step. With AR and SR off and LCL off this is a symmetric MoCo v2
-step on the pooled last stage (with the projector/predictor of the paper).
+loop after the optimiser step. With LCL, AR and SR off this is a symmetric MoCo v2 step on
+the pooled last stage (with the projector/predictor of the paper), and the FPN is not run.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from drcl.model.ar import Decoder, ar_loss, patch_mask
-from drcl.model.detector import FPN_CHANNELS, build_encoder
+from drcl.model.detector import build_encoder
 from drcl.model.hcl import hcl_loss
 from drcl.model.heads import mlp
 from drcl.model.lcl import lcl_loss, select_boxes
@@ -88,7 +88,7 @@ class DRCL(nn.Module):
             self.lcl_predictor = mlp(cfg.dim, cfg.dim, cfg.dim)
             self.lcl_queue = KeyQueue(cfg.lcl_queue, cfg.dim)
         if cfg.ar:
-            self.decoder = Decoder(FPN_CHANNELS)
+            self.decoder = Decoder(encoder.fpn_channels)
         self.online = online
         self.momentum = copy.deepcopy(online)
         for p in self.momentum.parameters():
@@ -99,6 +99,10 @@ class DRCL(nn.Module):
     @property
     def needs_boxes(self) -> bool:
         return self.cfg.lcl or self.cfg.sr
+
+    @property
+    def needs_fpn(self) -> bool:
+        return self.cfg.lcl or self.cfg.ar or self.cfg.sr
 
     @property
     def needs_mask(self) -> bool:
@@ -135,9 +139,9 @@ class DRCL(nn.Module):
             boxes = None  # too few boxes for BatchNorm in the heads: skip the box terms this step
 
         with torch.no_grad():
-            mom = self.momentum.encoder(x, boxes)
+            mom = self.momentum.encoder(x, boxes, fpn=self.needs_fpn)
         online_in = x * (1.0 - mask) if self.needs_mask else x
-        out = self.online.encoder(online_in, boxes)
+        out = self.online.encoder(online_in, boxes, fpn=self.needs_fpn)
 
         losses, diag, new_keys = {}, {"boxes": float(n_boxes)}, {}
         zero = out["c5"].sum() * 0.0
