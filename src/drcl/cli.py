@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_on_bad(p)
     p.set_defaults(func=cmd_stats)
 
+    p = sub.add_parser("pretrain", help="2DRCL pre-training (torchrun for several processes)")
+    p.add_argument("--config", required=True, help="YAML config (see configs/ and docs/config.md)")
+    p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, tb/, checkpoints/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_iters=20 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.set_defaults(func=cmd_pretrain)
+
     p = sub.add_parser("demo", help="the end-to-end demo on generated data")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.set_defaults(func=cmd_demo)
@@ -160,6 +168,23 @@ def _add_repeat_factors(args, ann, stats: dict) -> dict:
 
 class _UsageError(Exception):
     """Bad combination of command-line options (exit 2)."""
+
+
+def cmd_pretrain(args) -> int:
+    from drcl.config import ConfigError, load_config
+    from drcl.engine.pretrain import NonFiniteLoss, pretrain
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        pretrain(cfg, args.out, resume=args.resume)
+    except ConfigError as e:
+        raise _UsageError(str(e)) from None
+    except (FileExistsError, FileNotFoundError) as e:
+        raise _UsageError(str(e)) from None
+    except NonFiniteLoss as e:
+        print(f"drcl pretrain: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
 
 
 def cmd_demo(args) -> int:

@@ -1,0 +1,147 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from drcl.cli import main
+from drcl.engine.checkpoint import load_checkpoint, save_checkpoint
+from drcl.engine.pretrain import lr_factor
+from drcl.errors import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _cli(args, out, extra=()):
+    cmd = [sys.executable, "-m", "drcl", "pretrain", "--config", "configs/tiny.yaml", "--out", str(out)]
+    for a in list(args) + list(extra):
+        cmd += ["--set", a]
+    return cmd
+
+
+def _weights(run):
+    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, tiny_args):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_cli(tiny_args, full), cwd=ROOT, check=True, capture_output=True)
+
+    proc = subprocess.Popen(_cli(tiny_args, killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    stopped_at = load_checkpoint(ckpt)["iteration"]
+    assert stopped_at < 6
+
+    done = subprocess.run(_cli(tiny_args, killed) + ["--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming at iteration {stopped_at}" in done.stdout
+    a, b = _weights(full), _weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
+    # the metrics log has each iteration once, as the uninterrupted run's
+    iters = [json.loads(line)["iter"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert iters == list(range(1, 7))
+    rows_full = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    rows_killed = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows_killed] == pytest.approx([r["loss"] for r in rows_full], abs=1e-5)
+
+
+def test_checkpoint_killed_mid_write_keeps_the_last_good_one(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"iteration": 4, "w": torch.arange(5.0)}, path)
+    script = textwrap.dedent(f"""
+        import os, signal
+        from drcl.engine.checkpoint import atomic_write
+        def write(f):
+            f.write(b"half a checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        atomic_write({str(path)!r}, write)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL
+    state = load_checkpoint(path)
+    assert state["iteration"] == 4 and torch.equal(state["w"], torch.arange(5.0))
+
+
+def test_unreadable_checkpoint_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match=r"last\.pt: cannot read the checkpoint"):
+        load_checkpoint(bad)
+
+
+def test_nan_loss_stops_with_iteration_and_term(tmp_path, tiny_args, monkeypatch, capsys):
+    from drcl.model.drcl import DRCL
+
+    forward = DRCL.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        out = forward(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out["ar"] = out["ar"] * float("nan")
+        return out
+
+    monkeypatch.setattr(DRCL, "forward", poisoned)
+    out = tmp_path / "nan"
+    args = ["pretrain", "--config", "configs/tiny.yaml", "--out", str(out)] + sum((["--set", a] for a in tiny_args), [])
+    monkeypatch.chdir(ROOT)
+    assert main(args) == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the closed progress bars
+    assert err.startswith("drcl pretrain: error: iteration 3: loss term 'ar' is nan")
+    assert "last good checkpoint" in err
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 2
+
+
+def test_existing_run_needs_resume(tmp_path, tiny_args, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    base = ["pretrain", "--config", "configs/tiny.yaml", "--out", str(out)]
+    sets = sum((["--set", a] for a in tiny_args + ["train.max_iters=2"]), [])
+    assert main(base + ["--resume"] + sets) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert main(base + sets) == 0
+    assert main(base + sets) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    encoder = torch.load(out / "encoder.pt")
+    assert "backbone.body.conv1.weight" in encoder and "roi_heads.box_head.fc6.weight" in encoder
+
+
+def test_lr_schedule():
+    t = {"warmup_iters": 10, "max_iters": 110, "lr_schedule": "cosine", "lr_steps": [0.5], "lr_gamma": 0.1}
+    assert lr_factor(0, t) == pytest.approx(0.001)
+    assert lr_factor(10, t) == pytest.approx(1.0)
+    assert lr_factor(60, t) == pytest.approx(0.5)
+    assert lr_factor(110, t) == pytest.approx(0.0, abs=1e-12)
+    t["lr_schedule"] = "step"
+    assert lr_factor(54, t) == 1.0 and lr_factor(55, t) == pytest.approx(0.1)
+
+
+def test_torchrun_two_cpu_processes_see_disjoint_samples(tmp_path, tiny_args):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "drcl", "pretrain", "--config", "configs/tiny.yaml", "--out", str(out)]
+    # random sampling: each image at most once per round, so the ranks' batches must not overlap
+    for a in tiny_args + ["train.max_iters=3", "train.log_image_ids=true", "sampler.mode=random"]:
+        cmd += ["--set", a]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [1, 2, 3]  # rank 0 alone writes the log
+    for r in rows:
+        rank0, rank1 = r["image_ids"]
+        assert len(rank0) == len(rank1) == 2 and not set(rank0) & set(rank1)
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 3
