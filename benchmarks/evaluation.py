@@ -1,0 +1,174 @@
+"""Benchmark: LVIS-rules bbox evaluation, drcl (faster-coco-eval) against the official lvis-api.
+
+Writes a seeded LVIS-like validation set (default 5,000 images, 400 categories in rare /
+common / frequent groups of 130 / 150 / 120, 1-8 boxes per image, ``neg_category_ids`` and
+``not_exhaustive_category_ids`` on every image) and a results file with 100 detections per
+image (jittered ground-truth boxes and false positives of annotated, negative and unverified
+categories), then times, each from the two JSON files:
+
+* ``drcl.evaluation.evaluate_detections`` (validation, top-300 rule, faster-coco-eval), and
+* lvis-api 0.5.3: ``LVIS`` + ``LVISResults`` + ``LVISEval.evaluate/accumulate/summarize``,
+
+and checks that the nine numbers agree to 1e-4. lvis 0.5.3 calls ``np.float`` (removed in
+NumPy 2); this script restores it around the lvis-api call only.
+
+    PYTHONPATH=src python benchmarks/evaluation.py [--images 5000] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from drcl.evaluation import METRICS, evaluate_detections
+
+GROUP_SIZES = {"r": 130, "c": 150, "f": 120}
+
+
+# ----------------------------------------------------------------------------- data
+def make_data(n_images: int, dets_per_image: int, seed: int) -> tuple[dict, list]:
+    rng = np.random.default_rng(seed)
+    freq = [g for g, k in GROUP_SIZES.items() for _ in range(k)]
+    n_cat = len(freq)
+    cat_ids = np.arange(1, n_cat + 1)
+    # frequent categories far more likely on an image than rare ones
+    weight = np.array([{"r": 0.3, "c": 2.0, "f": 20.0}[g] for g in freq]) * rng.lognormal(0, 0.5, n_cat)
+    weight /= weight.sum()
+    images, annotations, detections = [], [], []
+    for i in range(1, n_images + 1):
+        W, H = int(rng.integers(320, 641)), int(rng.integers(240, 481))
+        n_box = int(rng.integers(1, 9))
+        cats = rng.choice(cat_ids, n_box, p=weight)
+        side = np.exp(rng.uniform(np.log(8), np.log(min(W, H) * 0.9), (n_box, 2)))
+        xy = rng.uniform(0, 1, (n_box, 2)) * (np.array([W, H]) - side)
+        for (x, y), (w, h), c in zip(xy, side, cats):
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": i, "category_id": int(c),
+                "bbox": [round(float(x), 2), round(float(y), 2), round(float(w), 2), round(float(h), 2)],
+                "area": round(float(w * h), 2),
+            })
+        present = sorted({int(c) for c in cats})
+        others = np.setdiff1d(cat_ids, present)
+        neg = sorted(int(c) for c in rng.choice(others, int(rng.integers(2, 12)), replace=False))
+        not_exh = [c for c in present if rng.random() < 0.15]
+        images.append({
+            "id": i, "width": W, "height": H,
+            "coco_url": f"http://images.cocodataset.org/val2017/{i:012d}.jpg",
+            "neg_category_ids": neg, "not_exhaustive_category_ids": not_exh,
+        })
+        # detections: ~2 jittered hits per box, the rest false positives (half on annotated or
+        # negative categories, half on unverified ones, which LVIS drops)
+        boxes = np.c_[xy, side]
+        n_hit = min(dets_per_image, 2 * n_box)
+        src = rng.integers(0, n_box, n_hit)
+        jit = boxes[src] + rng.normal(0, 0.1, (n_hit, 4)) * np.c_[side[src], side[src]]
+        det_cats = list(cats[src])
+        n_fp = dets_per_image - n_hit
+        fp_side = np.exp(rng.uniform(np.log(8), np.log(min(W, H) * 0.9), (n_fp, 2)))
+        fp_xy = rng.uniform(0, 1, (n_fp, 2)) * (np.array([W, H]) - fp_side)
+        pool = np.array(present + neg)
+        fp_cats = np.where(rng.random(n_fp) < 0.5, rng.choice(pool, n_fp), rng.choice(cat_ids, n_fp))
+        all_boxes = np.r_[jit, np.c_[fp_xy, fp_side]]
+        all_boxes[:, 2:] = np.maximum(all_boxes[:, 2:], 1.0)
+        scores = np.r_[rng.uniform(0.3, 1.0, n_hit), rng.uniform(0.0, 0.8, n_fp)]
+        for box, c, s in zip(all_boxes.round(2).tolist(), det_cats + list(fp_cats), scores.round(5).tolist()):
+            detections.append({"image_id": i, "category_id": int(c), "bbox": box, "score": s})
+    counts = np.bincount([a["category_id"] for a in annotations], minlength=n_cat + 1)
+    categories = [
+        {"id": int(c), "name": f"category_{c}", "frequency": g,
+         "image_count": int(counts[c]), "instance_count": int(counts[c])}
+        for c, g in zip(cat_ids, freq)
+    ]
+    return {"images": images, "annotations": annotations, "categories": categories}, detections
+
+
+# ----------------------------------------------------------------------------- runners
+def run_drcl(gt_path: str, det_path: str) -> dict:
+    return evaluate_detections(gt_path, det_path, iou_type="bbox")
+
+
+def run_lvis_api(gt_path: str, det_path: str) -> dict:
+    from lvis import LVIS, LVISEval, LVISResults
+
+    had = hasattr(np, "float")
+    np.float = float  # lvis 0.5.3 accumulate() uses np.float, removed in NumPy 2
+    try:
+        gt = LVIS(gt_path)
+        results = LVISResults(gt, det_path, max_dets=300)
+        ev = LVISEval(gt, results, iou_type="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    finally:
+        if not had:
+            del np.float
+    return {m: float(ev.results[m]) for m in METRICS}
+
+
+def best_of(fn, repeats: int):
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=5000, help="validation images")
+    parser.add_argument("--dets", type=int, default=100, help="detections per image")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many drcl runs")
+    parser.add_argument("--lvis-repeats", type=int, default=1, help="best of this many lvis-api runs")
+    args = parser.parse_args(argv)
+    logging.getLogger("lvis").setLevel(logging.ERROR)
+
+    start = time.perf_counter()
+    gt, dets = make_data(args.images, args.dets, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        gt_path, det_path = str(Path(tmp) / "val.json"), str(Path(tmp) / "dets.json")
+        Path(gt_path).write_text(json.dumps(gt))
+        Path(det_path).write_text(json.dumps(dets))
+        groups = {g: sum(c["frequency"] == g for c in gt["categories"]) for g in "rcf"}
+        print(
+            f"generated in {time.perf_counter() - start:.1f} s: {len(gt['images']):,} images, "
+            f"{len(gt['annotations']):,} boxes, {len(gt['categories'])} categories "
+            f"(r/c/f {groups['r']}/{groups['c']}/{groups['f']}), {len(dets):,} detections"
+        )
+        t_ours, ours = best_of(lambda: run_drcl(gt_path, det_path), args.repeats)
+        t_lvis, theirs = best_of(lambda: run_lvis_api(gt_path, det_path), args.lvis_repeats)
+
+    worst = max(abs(ours[m] - theirs[m]) for m in METRICS)
+    print("        " + "".join(f"{m:>8}" for m in METRICS))
+    print("drcl    " + "".join(f"{ours[m]:>8.4f}" for m in METRICS))
+    print("lvis-api" + "".join(f"{theirs[m]:>8.4f}" for m in METRICS))
+    print(f"largest difference {worst:.2e} ({'agree' if worst <= 1e-4 else 'DISAGREE'} to 1e-4)")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}, NumPy {np.__version__}")
+    print()
+    print(f"{'bbox, load + evaluate + accumulate + summarize':<48}{'seconds':>10}")
+    print(f"{f'drcl.evaluation (best of {args.repeats})':<48}{t_ours:>10.2f}")
+    print(f"{f'lvis-api 0.5.3 (best of {args.lvis_repeats})':<48}{t_lvis:>10.2f}")
+    print(f"{'speed-up':<48}{t_lvis / t_ours:>9.1f}x")
+    print()
+    print("| benchmark | drcl (s) | lvis-api (s) | speed-up |")
+    print("|---|---|---|---|")
+    print(
+        f"| LVIS bbox eval, {args.images:,} images x {args.dets} dets, "
+        f"{len(gt['categories'])} categories | {t_ours:.2f} | {t_lvis:.2f} | {t_lvis / t_ours:.1f}x |"
+    )
+    if worst > 1e-4:
+        raise SystemExit("drcl and lvis-api disagree")
+
+
+if __name__ == "__main__":
+    main()
