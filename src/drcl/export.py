@@ -24,16 +24,15 @@ Containers written by :func:`save_export` (see docs/export.md):
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from drcl.atomic import atomic_write
 
 FORMATS = ("torchvision", "detectron2", "mmdet")
 
@@ -268,25 +267,6 @@ def save_export(state_dict: dict, fmt: str, path, norm: str | None = None, meta:
         raise ValueError(f"detectron2 export must be a .pkl file (DetectionCheckpointer loads .pkl files by "
                          f"exact key and .pth files by name heuristics), not {path.name!r}")
     data = _container(state_dict, fmt, norm, meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if fmt == "detectron2":
-                pickle.dump(data, f, protocol=4)
-            else:
-                torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return path
+    if fmt == "detectron2":
+        return atomic_write(path, lambda f: pickle.dump(data, f, protocol=4))
+    return atomic_write(path, lambda f: torch.save(data, f))

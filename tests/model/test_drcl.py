@@ -109,7 +109,7 @@ def test_every_loss_falls_when_overfitting_two_images():
         out["loss"].backward()
         opt.step()
         model.momentum_update(0.9)
-        history.append({t: float(out[t]) for t in ("hcl", "lcl", "ar", "sr")})
+        history.append({t: out[t].item() for t in ("hcl", "lcl", "ar", "sr")})
     for t in ("hcl", "lcl", "ar", "sr"):
         values = [h[t] for h in history]
         assert all(torch.isfinite(torch.tensor(values))), t

@@ -1,53 +1,22 @@
-"""Atomic files and checkpoints.
-
-A checkpoint is written to a temporary file in the same folder, flushed and fsynced, then
-renamed over the old one (``os.replace`` is atomic on POSIX), and the folder is fsynced. A
-process killed at any moment leaves either the previous checkpoint or the new one, never a
-half-written file under the real name.
-"""
+"""Checkpoints, written atomically (:func:`drcl.atomic.atomic_write`): a process killed at
+any moment leaves either the previous checkpoint or the new one, never half a file."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from drcl.atomic import atomic_write
 from drcl.errors import DataError
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(binary_file)`` on a temporary file, then move it to ``path``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return target
+from drcl.model.drcl import ENCODER_PREFIX
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def write_json(path: str | os.PathLike, obj) -> Path:
-    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -75,3 +44,21 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def encoder_weights(path: str | os.PathLike) -> dict:
+    """Backbone / FPN / box-head weights under torchvision keys from a 2DRCL run's
+    ``encoder.pt`` or ``checkpoints/last.pt`` (or a run folder holding either)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "encoder.pt" if (path / "encoder.pt").exists() else path / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        model = state["model"]
+        sd = {k[len(ENCODER_PREFIX):]: v for k, v in model.items() if k.startswith(ENCODER_PREFIX)}
+        if not sd:
+            raise DataError(f"{path}: a checkpoint without 2DRCL encoder weights (no '{ENCODER_PREFIX}*' keys)")
+        return sd
+    if isinstance(state, dict) and any(k.startswith("backbone.body.") for k in state):
+        return state
+    raise DataError(f"{path}: neither a drcl pretrain checkpoint nor encoder weights")

@@ -24,6 +24,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from drcl.model.ar import Decoder, ar_loss, patch_mask
@@ -37,6 +38,8 @@ from drcl.model.sr import sr_loss
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TERMS = ("hcl", "lcl", "ar", "sr")
+#: Where the online encoder's weights sit in a DRCL state dict.
+ENCODER_PREFIX = "online.encoder."
 
 
 @dataclass
@@ -70,6 +73,14 @@ class DRCLConfig:
             raise ValueError(f"ar_loss must be 'l1' or 'mse', not {self.ar_loss!r}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), not {self.mask_ratio}")
+
+
+def _fewest_over_ranks(n: int) -> int:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 class DRCL(nn.Module):
@@ -135,8 +146,10 @@ class DRCL(nn.Module):
         mask = patch_mask(2 * b, *size, cfg.mask_patch, cfg.mask_ratio, generator, x.device)
         boxes = (boxes1 + boxes2) if self.needs_boxes else None
         n_boxes = labels.shape[0]
-        if self.needs_boxes and n_boxes < 2:
-            boxes = None  # too few boxes for BatchNorm in the heads: skip the box terms this step
+        if self.needs_boxes and _fewest_over_ranks(n_boxes) < 2:
+            # too few boxes for BatchNorm in the heads: skip the box terms this step, on every
+            # rank alike so that the queues' gathers and SyncBN stay in step
+            boxes = None
 
         with torch.no_grad():
             mom = self.momentum.encoder(x, boxes, fpn=self.needs_fpn)

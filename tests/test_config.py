@@ -1,6 +1,6 @@
 import pytest
 
-from drcl.config import ConfigError, load_config, parse_override
+from drcl.config import ConfigError, load_config
 
 
 def test_tiny_config_loads_with_the_documented_keys():

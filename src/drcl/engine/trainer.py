@@ -1,0 +1,290 @@
+"""The training loop shared by ``drcl pretrain`` and ``drcl finetune``.
+
+A :class:`Task` says what is trained (model, data, one forward step, what happens after the
+optimiser step and at the end); :func:`train` does the rest the same way for both: SGD/AdamW
+with warm-up then cosine or step decay, gradient clipping, AMP and channels_last on CUDA,
+DDP through torchrun, a progress bar, ``metrics.jsonl`` and TensorBoard, atomic checkpoints
+and exact resume.
+
+Rounds: the dynamic rebalancing schedule needs the repeat factors recomputed as training
+progresses, and a small run can be shorter than one pass over the data, so the loop works in
+``sampler.updates`` rounds of L iterations (L is capped so a round never needs more than one
+epoch of draws). Round e is the sampler's epoch e, whose alpha is ``schedule(e / (rounds - 1))``.
+
+Exact resume: a checkpoint holds the model, optimiser, LR scheduler, AMP scaler, the round and
+the batches done in it, the sampler state and all RNG states; augmentations are seeded from
+each sample's place in the run (:mod:`drcl.engine.loader`) and the step's own randomness from
+the iteration number, so a resumed run computes what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from drcl.config import dump_config
+from drcl.data.annotations import Annotations
+from drcl.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from drcl.engine.distributed import DistInfo, all_gather_objects, barrier
+from drcl.engine.loader import SeededDataset, SeededSampler
+from drcl.sampling import AlphaSchedule, RepeatFactorSampler
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or infinite; the run stopped before the step."""
+
+    exit_code = 3
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that this run cannot continue (other seed or number of processes)."""
+
+    exit_code = 2
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def lr_factor(it: int, train: dict) -> float:
+    """Linear warm-up from 0.001x over ``warmup_iters``, then cosine to 0 or steps of
+    ``lr_gamma`` at the fractions ``lr_steps`` of ``max_iters``."""
+    warm = train["warmup_iters"]
+    if it < warm:
+        return 0.001 + (1 - 0.001) * it / warm
+    if train["lr_schedule"] == "cosine":
+        p = (it - warm) / max(1, train["max_iters"] - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+    return train["lr_gamma"] ** sum(it >= f * train["max_iters"] for f in train["lr_steps"])
+
+
+def build_optimizer(model: nn.Module, train: dict):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=train["lr"], momentum=train["momentum"], weight_decay=train["weight_decay"])
+    return torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
+
+
+def make_loader(cfg: dict, ann: Annotations, dataset, collate, info: DistInfo):
+    """Repeat-factor sampler (per ``cfg["sampler"]``) and DataLoader; returns
+    ``(sampler, loader, round_iters)``."""
+    s, t, d = cfg["sampler"], cfg["train"], cfg["data"]
+    batch, world = t["batch_size"], info.world_size
+    per_rank_batches = ann.num_images // world // batch  # the smallest epoch (all factors 1)
+    if per_rank_batches < 1:
+        raise RuntimeError(f"{ann.num_images} training images are fewer than batch_size x ranks ({batch} x {world})")
+    round_iters = max(1, min(math.ceil(t["max_iters"] / s["updates"]), per_rank_batches))
+    rounds = math.ceil(t["max_iters"] / round_iters)
+    kwargs = {}
+    if s["mode"] == "dynamic":
+        kwargs = {"schedule": AlphaSchedule(s["schedule"], s["alpha_start"], s["alpha_end"], s["schedule_steps"]),
+                  "total_epochs": rounds}
+    sampler = RepeatFactorSampler(ann.image_index, ann.category_index, ann.num_images, ann.num_categories,
+                                  mode=s["mode"], threshold=s["threshold"], seed=cfg["seed"], rank=info.rank,
+                                  world_size=world, **kwargs)
+    loader = DataLoader(SeededDataset(dataset), batch_size=batch, sampler=SeededSampler(sampler, cfg["seed"]),
+                        collate_fn=collate, num_workers=d["workers"], persistent_workers=d["workers"] > 0,
+                        drop_last=True)
+    return sampler, loader, round_iters
+
+
+@dataclass
+class Task:
+    """What :func:`train` trains.
+
+    ``forward(model, batch, generator, category_weights)`` returns a dict with ``loss`` (the
+    total) and any floats to log; ``terms`` names the loss terms checked for NaN/inf;
+    ``after_step(it)`` runs after each optimiser step and returns values to log;
+    ``finish(out_dir)`` runs on rank 0 at the end and returns a summary.
+    """
+
+    name: str
+    model: nn.Module
+    ann: Annotations
+    sampler: RepeatFactorSampler
+    loader: DataLoader
+    round_iters: int
+    forward: Callable
+    terms: Callable[[dict], list]
+    after_step: Callable[[int], dict] = lambda it: {}
+    finish: Callable[[Path], dict] = lambda out: {}
+    ddp_unused: bool = True
+    meta: dict | None = None  # saved in every checkpoint (e.g. the category ids of the labels)
+
+
+def _to(batch, device):
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: torch.device) -> dict:
+    t = cfg["train"]
+    out = Path(out_dir)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    core = task.model
+    cuda = device.type == "cuda"
+    if cuda and t["channels_last"]:
+        core = core.to(memory_format=torch.channels_last)
+    if info.distributed and cuda and t["sync_bn"] and cfg["model"]["norm"] == "bn":
+        core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
+    model = core
+    if info.distributed:
+        model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if cuda else None,
+                                                    find_unused_parameters=task.ddp_unused)
+    optimizer = build_optimizer(core, t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, t))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t["amp"]) if cuda else None
+    if t["amp"] != "none" and not cuda and info.is_main:
+        print(f"train.amp={t['amp']} applies on CUDA only; training in float32 on {device}")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    sampler, batch = task.sampler, t["batch_size"]
+
+    it, round_, done = 0, 0, 0
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        try:
+            sampler.load_state_dict(state["sampler"])
+        except ValueError as e:
+            raise ResumeError(f"{ckpt_path}: cannot resume with this setup: {e}") from None
+        set_rng_state(state["rng"])
+        it, round_, done = state["iteration"], state["round"], state["batches_done"]
+    logger = _Logger(out, info.is_main, resume_at=it if resume else None)
+    if info.is_main:
+        (out / "config.yaml").write_text(dump_config(cfg))
+        rounds = math.ceil(t["max_iters"] / task.round_iters)
+        print(f"{task.name}: {t['max_iters']} iterations on {task.ann.num_images} images "
+              f"({info.world_size} process{'es' if info.world_size > 1 else ''}, {device}); sampler "
+              f"{cfg['sampler']['mode']}, {rounds} rounds of {task.round_iters} iterations"
+              + (f"; resuming at iteration {it}" if resume else ""))
+
+    def save():
+        if info.is_main:
+            save_checkpoint({
+                "iteration": it, "round": round_, "batches_done": done,
+                "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "sampler": sampler.state_dict(consumed=done * batch), "rng": rng_state(), "config": cfg,
+                "meta": task.meta or {},
+            }, ckpt_path)
+
+    gen = torch.Generator()
+    bar = tqdm(total=t["max_iters"], initial=it, desc=task.name, unit="it", disable=not info.is_main,
+               dynamic_ncols=True)
+    tick, images = time.perf_counter(), 0
+    try:
+        while it < t["max_iters"]:
+            sampler.set_epoch(round_)
+            weights = torch.tensor(sampler.category_factors, dtype=torch.float32, device=device)
+            batches = iter(task.loader)
+            while done < task.round_iters and it < t["max_iters"]:
+                data = _to(next(batches), device)
+                gen.manual_seed(cfg["seed"] * 1_000_003 + it * 7919 + info.rank)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    result = task.forward(model, data, gen, weights)
+                _check_finite(result, task.terms(result), it, ckpt_path)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(result["loss"]).backward()
+                if t["grad_clip"] > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(core.parameters(), t["grad_clip"])
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                extra = task.after_step(it)
+                it, done = it + 1, done + 1
+                images += batch * info.world_size
+                bar.update(1)
+                if it % t["log_every"] == 0 or it == t["max_iters"]:
+                    now = time.perf_counter()
+                    row = {"iter": it, "lr": optimizer.param_groups[0]["lr"], "alpha": sampler.alpha,
+                           "round": round_, "images_per_s": images / (now - tick), **extra}
+                    row.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in result.items()})
+                    if t["log_image_ids"]:
+                        start = (done - 1) * batch  # this rank's batch in its epoch list
+                        ids = [task.ann.images[i]["id"] for i in sampler.indices[start:start + batch]]
+                        row["image_ids"] = all_gather_objects(ids, info)
+                    logger.log(row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}", img_s=f"{row['images_per_s']:.1f}")
+                    tick, images = now, 0
+                if it % t["checkpoint_every"] == 0 or it == t["max_iters"]:
+                    save()
+            if done >= task.round_iters:
+                round_, done = round_ + 1, 0
+    finally:
+        bar.close()
+        logger.close()
+    summary = {"iterations": it, "checkpoint": str(ckpt_path)}
+    if info.is_main:
+        summary.update(task.finish(out))
+    barrier(info)
+    return summary
+
+
+def _check_finite(result: dict, terms, it: int, ckpt_path: Path) -> None:
+    for term in terms:
+        value = result[term]
+        if not torch.isfinite(value).all():
+            last = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+            raise NonFiniteLoss(f"iteration {it + 1}: loss term '{term}' is {float(value.detach())}; "
+                                f"stopped before the update, {last}")
+
+
+class _Logger:
+    """``metrics.jsonl`` (one JSON object per logged iteration) and TensorBoard, rank 0 only.
+    On resume, lines logged after the checkpoint's iteration are dropped first."""
+
+    def __init__(self, out: Path, enabled: bool, resume_at: int | None):
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_at is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["iter"] <= resume_at]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+        except ImportError:
+            self.tb = None
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and v is not None and k != "iter":
+                    self.tb.add_scalar(k, v, row["iter"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,92 @@
+"""``drcl pretrain``: 2DRCL pre-training on a COCO / LVIS training set.
+
+Annotations -> dataset with a box source (ground truth, proposals or random boxes) and two
+box-aware views -> repeat-factor sampler (dynamic: alpha from ``sampler.alpha_start`` to
+``sampler.alpha_end`` over the run) -> :class:`~drcl.model.drcl.DRCL`, whose momentum encoder is
+updated after every step with m from ``train.momentum_base`` to 1. The loop, checkpoints and
+logs are :mod:`drcl.engine.trainer`'s. At the end ``OUT/encoder.pt`` holds the online encoder
+under torchvision detector keys (backbone, FPN, box head) for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from drcl.config import drcl_config, require
+from drcl.data.annotations import load_annotations
+from drcl.data.boxes import ProposalBoxes, RandomBoxes, load_proposals
+from drcl.data.dataset import DetectionDataset
+from drcl.engine.distributed import cleanup, init_distributed
+from drcl.engine.trainer import NonFiniteLoss, Task, make_loader, pick_device, train
+from drcl.model.drcl import DRCL, TERMS
+from drcl.model.memory import momentum_at
+from drcl.views import TwoViewTransform, collate_views
+
+__all__ = ["NonFiniteLoss", "pretrain"]
+
+
+class _Compose:
+    """Box source (optional), then the two views."""
+
+    def __init__(self, source, views):
+        self.source, self.views = source, views
+
+    def __call__(self, image, target):
+        if self.source is not None:
+            image, target = self.source(image, target)
+        return self.views(image, target)
+
+
+def _forward(model, batch, generator, weights):
+    images1, images2, targets1, targets2 = batch
+    return model(images1, images2, targets1, targets2, weights, generator)
+
+
+def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dict:
+    """Run (or resume) pre-training into ``out_dir``: ``config.yaml``, ``metrics.jsonl``,
+    ``tb/``, ``checkpoints/last.pt`` and, at the end, ``encoder.pt``."""
+    require(cfg, "data.train_json", "data.train_images")
+    d, t = cfg["data"], cfg["train"]
+    ckpt_path = Path(out_dir) / "checkpoints" / "last.pt"
+    if resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    if not resume and ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run or choose another --out")
+    device = pick_device(t["device"])
+    info = init_distributed(device)
+    try:
+        if t["threads"]:
+            torch.set_num_threads(t["threads"])
+        torch.manual_seed(cfg["seed"])
+        ann = load_annotations(d["train_json"], d["train_images"], on_bad=d["on_bad"], check_images="header",
+                               progress=info.is_main)
+        if ann.skipped and info.is_main:
+            print(f"{ann.path}: skipped {sum(ann.skipped.values())} bad records ({dict(ann.skipped)})")
+        source = None
+        if d["boxes"] == "proposals":
+            source = ProposalBoxes(load_proposals(d["proposals"], ann))
+        elif d["boxes"] == "random":
+            source = RandomBoxes()
+        dataset = DetectionDataset(ann, transforms=_Compose(source, TwoViewTransform(size=d["image_size"])),
+                                   masks=False)
+        sampler, loader, round_iters = make_loader(cfg, ann, dataset, collate_views, info)
+        model = DRCL(drcl_config(cfg)).to(device)
+
+        def after_step(it):
+            m = momentum_at(it / t["max_iters"], t["momentum_base"])
+            model.momentum_update(m)
+            return {"momentum": m}
+
+        def finish(out):
+            torch.save(model.encoder_state_dict(), out / "encoder.pt")
+            print(f"done; checkpoint {ckpt_path}, encoder weights {out / 'encoder.pt'}")
+            return {"encoder": str(out / "encoder.pt")}
+
+        task = Task("pretrain", model, ann, sampler, loader, round_iters, _forward,
+                    terms=lambda result: [k for k in TERMS if k in result], after_step=after_step, finish=finish)
+        return train(task, cfg, out_dir, resume, info, device)
+    finally:
+        cleanup(info)
