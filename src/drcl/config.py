@@ -48,7 +48,7 @@ DEFAULTS: dict = {
         "schedule_steps": 4,
         "updates": 20,
     },
-    "model": {f.name: f.default for f in fields(DRCLConfig)},
+    "model": {**{f.name: f.default for f in fields(DRCLConfig)}, "masks": False},
     "train": {
         "max_iters": 250,
         "batch_size": 4,
@@ -71,6 +71,11 @@ DEFAULTS: dict = {
         "threads": 0,
         "log_image_ids": False,
     },
+    "eval": {
+        "batch_size": 8,
+        "score_threshold": 0.0001,
+        "max_dets": 300,
+    },
 }
 
 CHOICES = {
@@ -87,7 +92,8 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
 }
 
-POSITIVE = {"data.image_size", "train.max_iters", "train.batch_size", "train.checkpoint_every", "train.log_every",
+POSITIVE = {"eval.batch_size", "eval.max_dets", "data.image_size", "model.dim", "model.temperature",
+            "model.hcl_queue", "model.lcl_queue", "model.boxes_per_image", "model.mask_patch", "train.max_iters", "train.batch_size", "train.checkpoint_every", "train.log_every",
             "sampler.updates", "sampler.threshold", "train.lr"}
 
 
@@ -171,11 +177,27 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+#: The configs shipped with the package (``configs/`` in the repository links here).
+PACKAGED = Path(__file__).parent / "configs"
+
+
+def resolve(path: str | Path) -> Path:
+    """``path`` itself, else the packaged config of that name (``tiny`` or ``tiny.yaml``)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    for candidate in (PACKAGED / path.name, PACKAGED / f"{path.name}.yaml"):
+        if candidate.exists():
+            return candidate
+    return path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    """Defaults, then the YAML file, then each ``key=value`` override; validated."""
+    """Defaults, then the YAML file (a path, or the name of a packaged config such as
+    ``tiny``), then each ``key=value`` override; validated."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        path = str(path)
+        path = str(resolve(path))
         try:
             with open(path) as f:
                 data = yaml.safe_load(f) or {}
@@ -193,13 +215,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
     return cfg
 
 
+def drcl_config(cfg: dict) -> DRCLConfig:
+    """The pre-training module's settings from the ``model`` section."""
+    names = {f.name for f in fields(DRCLConfig)}
+    return DRCLConfig(**{k: v for k, v in cfg["model"].items() if k in names})
+
+
 def _check_whole(cfg: dict, source: str) -> None:
     try:
-        DRCLConfig(**cfg["model"])
+        drcl_config(cfg)
     except ValueError as e:
         raise ConfigError(f"{source}: model: {e}") from None
     if cfg["data"]["boxes"] == "proposals" and not cfg["data"]["proposals"]:
         raise ConfigError(f"{source}: key 'data.proposals' must name a proposals file when data.boxes is 'proposals'")
+    if cfg["sampler"]["schedule_steps"] < 2:
+        raise ConfigError(f"{source}: key 'sampler.schedule_steps' must be at least 2, got {cfg['sampler']['schedule_steps']}")
     if not 0.0 <= cfg["sampler"]["alpha_start"] <= 1.0 or not 0.0 <= cfg["sampler"]["alpha_end"] <= 1.0:
         raise ConfigError(f"{source}: keys 'sampler.alpha_start' and 'sampler.alpha_end' must lie in [0, 1]")
 
