@@ -7,7 +7,6 @@ wrong arguments exit with 2 as argparse does.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -61,7 +60,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("demo", help="the end-to-end demo on generated data")
+    p = sub.add_parser("finetune", help="train a Faster / Mask R-CNN (optionally from a 2DRCL run), then evaluate")
+    p.add_argument("--config", required=True, help="YAML config (e.g. configs/tiny_finetune.yaml)")
+    p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints/, eval/")
+    p.add_argument("--init", help="2DRCL weights: a pretrain run's encoder.pt, checkpoints/last.pt or folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation on the val set at the end")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="score detections (or a fine-tuned model) under LVIS rules")
+    p.add_argument("--gt", help="ground-truth COCO / LVIS JSON (with --detections)")
+    p.add_argument("--detections", help="detections in COCO results format (JSON list)")
+    p.add_argument("--iou-type", choices=("bbox", "segm"), default="bbox")
+    p.add_argument("--checkpoint", help="a drcl finetune checkpoint: run it on the config's val set first")
+    p.add_argument("--config", help="config naming data.val_json and data.val_images (with --checkpoint)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", dest="json_out", help="write the metrics here (also per-category CSV and plot beside it)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("probe", help="linear probe of frozen box features: val top-1 per frequency group")
+    p.add_argument("--checkpoint", help="a pretrain run's encoder.pt, checkpoints/last.pt or folder "
+                                        "(omit for the random-init baseline)")
+    p.add_argument("--config", required=True, help="config naming the train and val data and model.preset/norm")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--balanced", action="store_true", help="weigh classes by inverse frequency in the classifier")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_out", help="write the results here")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("export", help="write pre-trained weights for torchvision, detectron2 or mmdetection")
+    p.add_argument("checkpoint", help="a pretrain run's encoder.pt, checkpoints/last.pt or run folder")
+    p.add_argument("--format", required=True, choices=("torchvision", "detectron2", "mmdet"))
+    p.add_argument("--out", required=True, help="output file (detectron2: .pkl)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="generate data, pre-train, fine-tune 2DRCL vs random init, write a report "
+                                    "(about 15 minutes on 2 CPU cores)")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -170,40 +206,118 @@ class _UsageError(Exception):
     """Bad combination of command-line options (exit 2)."""
 
 
-def cmd_pretrain(args) -> int:
+def _train_command(args, run) -> int:
     from drcl.config import ConfigError, load_config
-    from drcl.engine.pretrain import NonFiniteLoss, pretrain
+    from drcl.engine.trainer import NonFiniteLoss, ResumeError
 
     try:
         cfg = load_config(args.config, args.overrides)
-        pretrain(cfg, args.out, resume=args.resume)
-    except ConfigError as e:
-        raise _UsageError(str(e)) from None
-    except (FileExistsError, FileNotFoundError) as e:
+        run(cfg)
+    except (ConfigError, ResumeError, FileExistsError, FileNotFoundError) as e:
         raise _UsageError(str(e)) from None
     except NonFiniteLoss as e:
-        print(f"drcl pretrain: error: {e}", file=sys.stderr)
+        print(f"drcl {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from drcl.pretrain import pretrain
+
+    return _train_command(args, lambda cfg: pretrain(cfg, args.out, resume=args.resume))
+
+
+def cmd_finetune(args) -> int:
+    from drcl.finetune import finetune
+
+    return _train_command(args, lambda cfg: finetune(cfg, args.out, init=args.init, resume=args.resume,
+                                                     evaluate=not args.no_eval))
+
+
+def cmd_evaluate(args) -> int:
+    from drcl.evaluation.lvis_eval import evaluate_detections, format_results, plot_ap_vs_frequency, write_per_category_csv
+
+    if args.checkpoint:
+        if args.gt or args.detections or not args.config:
+            raise _UsageError("use --checkpoint CKPT --config CFG, or --gt GT.json --detections DT.json")
+        from drcl.config import ConfigError, load_config
+        from drcl.data.annotations import load_annotations
+        from drcl.engine.trainer import pick_device
+        from drcl.finetune import evaluate_model, load_finetuned
+
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except ConfigError as e:
+            raise _UsageError(str(e)) from None
+        val = load_annotations(cfg["data"]["val_json"], cfg["data"]["val_images"]) if cfg["data"]["val_json"] else None
+        if val is None:
+            raise _UsageError("key 'data.val_json' is not set: give it in the config file or with --set")
+        detector, meta = load_finetuned(args.checkpoint, cfg, val)
+        device = pick_device(cfg["train"]["device"])
+        out = Path(args.json_out).parent if args.json_out else Path(args.checkpoint).parent.parent / "eval"
+        results = evaluate_model(detector.to(device), cfg, device, out, None, meta["masks"], meta["category_ids"])
+        if args.json_out:
+            _write_json(args.json_out, {k: {m: v for m, v in r.items() if m != "per_category"} for k, r in results.items()})
+            print(f"wrote {args.json_out} and the detections to {out / 'detections.json'}")
+        return 0
+    if not (args.gt and args.detections):
+        raise _UsageError("use --gt GT.json --detections DT.json, or --checkpoint CKPT --config CFG")
+    result = evaluate_detections(args.gt, args.detections, iou_type=args.iou_type)
+    print(format_results(result))
+    if args.json_out:
+        _write_json(args.json_out, {m: v for m, v in result.items() if m != "per_category"})
+        stem = Path(args.json_out).with_suffix("")
+        write_per_category_csv(result, f"{stem}_per_category.csv")
+        try:
+            plot_ap_vs_frequency(result, f"{stem}_ap_vs_frequency.png")
+        except ValueError:
+            pass
+        print(f"wrote {args.json_out}, {stem}_per_category.csv")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    import torch
+
+    from drcl.config import ConfigError, load_config
+    from drcl.evaluation.probe import format_probe, run_probe
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise _UsageError(str(e)) from None
+    if cfg["train"]["threads"]:
+        torch.set_num_threads(cfg["train"]["threads"])
+    try:
+        result = run_probe(cfg, args.checkpoint, seed=args.seed, balanced=args.balanced)
+    except ConfigError as e:
+        raise _UsageError(str(e)) from None
+    print(format_probe(result))
+    if args.json_out:
+        _write_json(args.json_out, result)
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from drcl.engine.checkpoint import encoder_weights
+    from drcl.export import save_export
+
+    try:
+        path = save_export(encoder_weights(args.checkpoint), args.format, args.out)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    print(f"wrote {path} ({args.format} layout; see docs/export.md)")
+    return 0
+
+
 def cmd_demo(args) -> int:
-    from drcl.data.annotations import load_annotations
-    from drcl.data.stats import category_stats, format_table, plot_frequency
-    from drcl.data.synthetic import make_dataset
+    from drcl.demo import run_demo
 
     out = Path(args.out)
-    data = out / "data"
-    make_dataset(data, seed=0)
-    ann = load_annotations(data / "annotations" / "train.json", data / "images" / "train", check_images="header")
-    stats = category_stats(ann)
-    print(format_table(stats))
-    plot_frequency(stats, str(out / "class_frequency.png"))
-    print(f"wrote {out / 'class_frequency.png'}")
-    print(
-        "drcl demo: pre-training, fine-tuning and evaluation are not yet available in this "
-        "version; the demo stops after generating and checking the data."
-    )
+    if (out / "pretrain" / "checkpoints" / "last.pt").exists():
+        raise _UsageError(f"{out} holds an earlier demo: remove it or choose another --out")
+    run_demo(out)
     return 0
 
 
@@ -214,19 +328,6 @@ def _report_skipped(ann) -> None:
 
 
 def _write_json(path: str, obj) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    import os
-    import tempfile
+    from drcl.atomic import write_json
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, obj)

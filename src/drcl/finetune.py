@@ -1,0 +1,152 @@
+"""``drcl finetune``: train a torchvision Faster / Mask R-CNN with FPN, then score it on the val
+set under LVIS rules.
+
+The detector comes from the config's preset (``model.preset``, ``model.norm``; Mask R-CNN when
+``model.masks`` is true and the training file has segmentations). ``--init`` loads backbone,
+FPN and box head from a 2DRCL run (its ``encoder.pt`` or ``checkpoints/last.pt``) and reports
+which tensors were loaded and which start from random init (RPN, box predictor, mask head);
+``model.imagenet`` starts the backbone from torchvision's ImageNet weights instead. Training
+uses the same loop as pre-training (:mod:`drcl.engine.trainer`): sampler ``random | rfs |
+irfs | dynamic``, atomic checkpoints, exact resume, DDP, AMP, progress bar and logs.
+
+At the end, when ``data.val_json`` is set, the model runs on the val images and
+``OUT/eval/`` gets the detections, the metrics (``metrics.json``), per-category AP (CSV) and a
+plot of AP against training frequency.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torchvision.transforms import v2
+
+from drcl.config import require
+from drcl.data.annotations import Annotations, load_annotations
+from drcl.data.dataset import DetectionDataset, collate
+from drcl.atomic import write_json
+from drcl.engine.checkpoint import encoder_weights, load_checkpoint
+from drcl.engine.distributed import cleanup, init_distributed
+from drcl.engine.trainer import Task, make_loader, pick_device, train
+from drcl.errors import DataError
+from drcl.evaluation.inference import predict
+from drcl.evaluation.lvis_eval import evaluate_detections, format_results, plot_ap_vs_frequency, write_per_category_csv
+from drcl.export import load_into_detector
+from drcl.model.detector import build_detector
+
+def _summarise(keys) -> str:
+    groups = Counter(".".join(k.split(".")[:2]) for k in keys)
+    return ", ".join(f"{g} ({n})" for g, n in sorted(groups.items()))
+
+
+def build_model(cfg: dict, ann: Annotations, init: str | None = None, verbose: bool = True):
+    """The detector for ``ann``'s categories, initialised from ``init`` when given."""
+    m, e = cfg["model"], cfg["eval"]
+    masks = m["masks"] and any("segmentation" in a for a in ann.annotations)
+    detector = build_detector(m["preset"], num_classes=ann.num_categories + 1, norm=m["norm"], masks=masks,
+                              imagenet=m["imagenet"], box_score_thresh=e["score_threshold"],
+                              box_detections_per_img=e["max_dets"])
+    if init is not None:
+        try:
+            missing, unexpected = load_into_detector(detector, encoder_weights(init))
+        except ValueError as err:
+            raise DataError(f"{init}: cannot initialise the {m['preset']} detector ({err})") from None
+        loaded = [k for k in detector.state_dict() if k not in missing]
+        if verbose:
+            print(f"initialised from {init}: loaded {len(loaded)} tensors: {_summarise(loaded)}")
+            print(f"  new (random init): {_summarise(missing)}")
+    return detector, masks
+
+
+class _Forward:
+    def __call__(self, model, batch, generator, weights):
+        images, targets = batch
+        targets = [{k: (v.as_subclass(torch.Tensor) if torch.is_tensor(v) else v) for k, v in t.items()}
+                   for t in targets]
+        losses = model(list(images), targets)
+        return {**losses, "loss": sum(losses.values())}
+
+
+def evaluate_model(detector, cfg: dict, device, out: Path, train_ann: Annotations | None, masks: bool,
+                   category_ids: list, progress: bool = True) -> dict:
+    """Detections on the val set (``data.val_json`` / ``data.val_images``), scored under LVIS
+    rules; everything written under ``out``."""
+    require(cfg, "data.val_json", "data.val_images")
+    val = load_annotations(cfg["data"]["val_json"], cfg["data"]["val_images"], check_images="header")
+    if [c["id"] for c in val.categories] != category_ids:
+        raise DataError(f"{val.path}: its categories differ from the ones the model was trained on")
+    dets = predict(detector, DetectionDataset(val), category_ids, cfg["eval"]["batch_size"], device, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "detections.json", dets)
+    results = {}
+    for iou_type in ("bbox", "segm") if masks else ("bbox",):
+        if not dets:
+            raise DataError(f"the model made no detections on {val.path}: nothing to score")
+        result = evaluate_detections(val, dets, iou_type=iou_type, max_dets=cfg["eval"]["max_dets"])
+        write_per_category_csv(result, out / f"per_category_{iou_type}.csv")
+        counts = None if train_ann is None else {c["id"]: int(n) for c, n in zip(train_ann.categories, train_ann.image_count)}
+        try:
+            plot_ap_vs_frequency(result, out / f"ap_vs_frequency_{iou_type}.png", counts)
+        except ValueError:
+            pass  # no category with a defined AP to plot
+        print(format_results(result))
+        results[iou_type] = result
+    write_json(out / "metrics.json", {k: {m: v for m, v in r.items() if m != "per_category"} for k, r in results.items()})
+    return results
+
+
+def finetune(cfg: dict, out_dir: str | os.PathLike, init: str | None = None, resume: bool = False,
+             evaluate: bool = True) -> dict:
+    require(cfg, "data.train_json", "data.train_images")
+    d, t = cfg["data"], cfg["train"]
+    out = Path(out_dir)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    if resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    if not resume and ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run or choose another --out")
+    device = pick_device(t["device"])
+    info = init_distributed(device)
+    try:
+        if t["threads"]:
+            torch.set_num_threads(t["threads"])
+        torch.manual_seed(cfg["seed"])
+        ann = load_annotations(d["train_json"], d["train_images"], on_bad=d["on_bad"], check_images="header",
+                               progress=info.is_main)
+        detector, masks = build_model(cfg, ann, None if resume else init, verbose=info.is_main)
+        detector.to(device)
+        augment = v2.Compose([v2.RandomHorizontalFlip(0.5), v2.ToDtype(torch.float32, scale=True)])
+        dataset = DetectionDataset(ann, transforms=augment, masks=masks)
+        sampler, loader, round_iters = make_loader(cfg, ann, dataset, collate, info)
+        category_ids = [c["id"] for c in ann.categories]
+
+        def finish(out_path):
+            summary = {}
+            if evaluate and d["val_json"] and info.distributed:
+                # rank 0 alone would run the whole val set while the others wait at a barrier
+                # (and NCCL's timeout); score the checkpoint in a single process instead
+                print(f"skipping the evaluation in a distributed run: drcl evaluate --checkpoint {ckpt_path} "
+                      f"--config {out_path / 'config.yaml'}")
+            elif evaluate and d["val_json"]:
+                summary["eval"] = evaluate_model(detector, cfg, device, out_path / "eval", ann, masks, category_ids)
+            return summary
+
+        task = Task("finetune", detector, ann, sampler, loader, round_iters, _Forward(),
+                    terms=lambda result: [k for k in result if k.startswith("loss_")], finish=finish,
+                    meta={"category_ids": category_ids, "masks": masks, "init": init})
+        return train(task, cfg, out_dir, resume, info, device)
+    finally:
+        cleanup(info)
+
+
+def load_finetuned(checkpoint: str | os.PathLike, cfg: dict, ann: Annotations):
+    """A detector restored from a ``drcl finetune`` checkpoint."""
+    state = load_checkpoint(checkpoint)
+    meta = state.get("meta") or {}
+    if "category_ids" not in meta:
+        raise DataError(f"{checkpoint}: not a drcl finetune checkpoint")
+    detector, _ = build_model({**state["config"], "eval": cfg["eval"]}, ann, verbose=False)
+    detector.load_state_dict(state["model"])
+    return detector, meta

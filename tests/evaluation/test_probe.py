@@ -1,0 +1,243 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from drcl.config import load_config
+from drcl.data.synthetic import make_dataset
+from drcl.errors import DataError
+from drcl.evaluation.probe import (
+    ACCURACY_KEYS,
+    fit_linear,
+    format_probe,
+    group_accuracy,
+    run_probe,
+)
+from drcl.model.detector import build_encoder
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a 2-core machine shared with other jobs, two threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def probe_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe-data")
+    make_dataset(root, classes=6, train_images=30, val_images=12, image_size=64, imbalance=5, seed=0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def probe_cfg(probe_data):
+    overrides = [
+        f"data.train_json={probe_data / 'annotations' / 'train.json'}",
+        f"data.train_images={probe_data / 'images' / 'train'}",
+        f"data.val_json={probe_data / 'annotations' / 'val.json'}",
+        f"data.val_images={probe_data / 'images' / 'val'}",
+        "data.image_size=64",
+        "train.device=cpu",
+    ]
+    return load_config(REPO / "configs" / "tiny.yaml", overrides)
+
+
+@pytest.fixture(scope="session")
+def random_result(probe_cfg):
+    return run_probe(probe_cfg, None, epochs=30, seed=0, progress=False, batch_size=8)
+
+
+def _blobs(n, classes, dim, seed, shuffle=False):
+    g = np.random.default_rng(seed)
+    centres = g.normal(size=(classes, dim)) * 4
+    y = g.integers(0, classes, size=n)
+    x = centres[y] + g.normal(size=(n, dim)) * 0.5
+    if shuffle:
+        y = g.permutation(y)
+    return x.astype(np.float32), y
+
+
+# ---------------------------------------------------------------- classifier
+
+
+def test_classifier_separable_features():
+    x, y = _blobs(600, 5, 16, seed=0)
+    probe = fit_linear(x[:400], y[:400], 5, epochs=50)
+    assert (probe.predict(x[400:]).numpy() == y[400:]).mean() > 0.99
+    assert (probe.predict(x[:400]).numpy() == y[:400]).mean() == 1.0
+
+
+def test_classifier_shuffled_labels_is_chance():
+    classes = 5
+    x, y = _blobs(2000, classes, 16, seed=1, shuffle=True)
+    probe = fit_linear(x[:1000], y[:1000], classes, epochs=50)
+    acc = (probe.predict(x[1000:]).numpy() == y[1000:]).mean()
+    assert abs(acc - 1 / classes) < 0.06
+
+
+def test_classifier_is_deterministic_and_handles_constant_features():
+    x, y = _blobs(200, 3, 8, seed=2)
+    x[:, 0] = 0.0  # a dead ReLU unit: zero variance must not produce NaN
+    a, b = fit_linear(x, y, 4, epochs=20), fit_linear(x, y, 4, epochs=20)  # class 3 has no boxes
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert torch.isfinite(a.weight).all()
+    assert (a.predict(x).numpy() != 3).all()
+
+
+def test_classifier_balanced_helps_a_rare_class():
+    g = np.random.default_rng(3)
+    x = np.concatenate([g.normal(0, 1, (500, 2)), g.normal(1.5, 1, (10, 2))])
+    y = np.array([0] * 500 + [1] * 10)
+    plain = fit_linear(x, y, 2, epochs=50)
+    balanced = fit_linear(x, y, 2, epochs=50, balanced=True)
+    assert (balanced.predict(x[y == 1]).numpy() == 1).sum() > (plain.predict(x[y == 1]).numpy() == 1).sum()
+
+
+def test_classifier_rejects_bad_labels():
+    with pytest.raises(ValueError, match="labels"):
+        fit_linear(np.zeros((3, 2)), np.array([0, 1, 5]), 3)
+
+
+# ---------------------------------------------------------------- group arithmetic
+
+
+def test_group_accuracy_by_hand():
+    frequency = ["r", "c", "f", "f"]  # class 3 has no val boxes
+    target = [0, 0, 1, 1, 1, 2, 2, 2, 2, 2]
+    pred = [0, 1, 1, 0, 0, 2, 2, 2, 2, 3]
+    out = group_accuracy(pred, target, frequency)
+    assert out["acc_r"] == pytest.approx(1 / 2)
+    assert out["acc_c"] == pytest.approx(1 / 3)
+    assert out["acc_f"] == pytest.approx(4 / 5)
+    assert out["acc"] == pytest.approx(6 / 10)  # box-weighted mean of the groups
+    assert out["acc"] == pytest.approx((2 * 0.5 + 3 / 3 + 5 * 0.8) / 10)
+    assert out["class_acc_f"] == pytest.approx(4 / 5)  # class 3 (no boxes) is not averaged in
+    assert out["class_acc"] == pytest.approx((1 / 2 + 1 / 3 + 4 / 5) / 3)
+    assert (out["boxes_r"], out["boxes_c"], out["boxes_f"]) == (2, 3, 5)
+    assert (out["classes_r"], out["classes_c"], out["classes_f"]) == (1, 1, 1)
+    assert out["per_class_acc"] == [pytest.approx(0.5), pytest.approx(1 / 3), pytest.approx(0.8), None]
+
+
+def test_group_accuracy_empty_group_is_none():
+    out = group_accuracy([1, 1], [1, 1], ["r", "f"])
+    assert out["acc_r"] is None and out["class_acc_r"] is None and out["acc_c"] is None
+    assert out["acc_f"] == 1.0 and out["acc"] == 1.0
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_run_probe_random_init(random_result, probe_data):
+    r = random_result
+    json.dumps(r)  # JSON-ready
+    for key in ACCURACY_KEYS + ("train_boxes", "val_boxes", "seconds", "train_acc", "per_class", "num_classes"):
+        assert key in r
+    for key in ACCURACY_KEYS:
+        assert r[key] is None or 0.0 <= r[key] <= 1.0
+    assert r["acc"] is not None and r["weights"] is None and r["num_classes"] == 6
+    for split in ("train", "val"):
+        anns = json.loads((probe_data / "annotations" / f"{split}.json").read_text())["annotations"]
+        assert r[f"{split}_boxes"] == len(anns)
+    assert sum(r[f"boxes_{g}"] for g in "rcf") == r["val_boxes"]
+    assert sum(c["val_boxes"] for c in r["per_class"]) == r["val_boxes"]
+    assert sum(c["train_boxes"] for c in r["per_class"]) == r["train_boxes"]
+    table = format_probe(r)
+    assert "rare" in table and "frequent" in table and "random init" in table
+
+
+def test_run_probe_same_seed_same_result(probe_cfg, random_result):
+    again = run_probe(probe_cfg, None, epochs=30, seed=0, progress=False, batch_size=8)
+    for key in ACCURACY_KEYS + ("train_acc", "train_loss"):
+        assert again[key] == random_result[key], key
+    other = run_probe(probe_cfg, None, epochs=30, seed=1, progress=False, batch_size=8)
+    assert other["train_loss"] != random_result["train_loss"]  # the seed does pick the init
+
+
+def test_run_probe_loads_saved_encoder(probe_cfg, random_result, tmp_path):
+    # the random-init encoder for seed 0, saved: must give the random-init result back
+    from drcl.evaluation.probe import load_encoder
+
+    path = tmp_path / "encoder.pt"
+    torch.save(load_encoder("tiny", "gn", None, seed=0).state_dict(), path)
+    r = run_probe(probe_cfg, path, epochs=30, seed=123, progress=False, batch_size=8)
+    assert r["weights"] == str(path)
+    for key in ACCURACY_KEYS:
+        assert r[key] == pytest.approx(random_result[key], abs=1e-9), key
+
+
+def test_run_probe_rejects_wrong_norm_and_preset(probe_cfg, tmp_path):
+    bn = tmp_path / "bn.pt"
+    torch.save(build_encoder("tiny", "bn").state_dict(), bn)
+    with pytest.raises(DataError, match="normalisation mismatch"):
+        run_probe(probe_cfg, bn, progress=False)  # probe_cfg has norm gn
+    from drcl.evaluation.probe import load_encoder
+
+    loaded = load_encoder("tiny", "bn", bn, seed=5)  # BatchNorm running stats load as well
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    saved = torch.load(bn)
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
+
+    gn = tmp_path / "gn.pt"
+    torch.save(build_encoder("tiny", "gn").state_dict(), gn)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.preset=r50-fpn"])
+    with pytest.raises(DataError, match="shape mismatch"):
+        run_probe(cfg | {"data": probe_cfg["data"]}, gn, progress=False)
+
+    partial = tmp_path / "partial.pt"
+    sd = torch.load(gn)
+    torch.save({k: v for k, v in sd.items() if not k.startswith("roi_heads.")}, partial)
+    with pytest.raises(DataError, match="missing"):
+        run_probe(probe_cfg, partial, progress=False)
+
+
+class _MixedSizes:
+    """Five images of two sizes, one box each, box k labelled k + 1."""
+
+    sizes = ((48, 64), (64, 64), (48, 64), (64, 64), (48, 64))
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def load_image(self, i):
+        g = torch.Generator().manual_seed(i)
+        return torch.randint(0, 256, (3, *self.sizes[i]), dtype=torch.uint8, generator=g)
+
+    def target(self, i, height, width):
+        return {"boxes": torch.tensor([[4.0 + i, 6.0, 30.0, 40.0]]), "labels": torch.tensor([i + 1])}
+
+
+def test_embed_boxes_groups_mixed_sizes():
+    from drcl.evaluation.probe import embed_boxes, load_encoder
+
+    encoder = load_encoder("tiny", "gn", None, seed=0)
+    label_map = np.arange(5)
+    grouped, labels = embed_boxes(encoder, _MixedSizes(), label_map, batch_size=4, progress=False)
+    single, single_labels = embed_boxes(encoder, _MixedSizes(), label_map, batch_size=1, progress=False)
+    assert single_labels.tolist() == [0, 1, 2, 3, 4] and sorted(labels.tolist()) == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(grouped[labels.argsort()], single, rtol=1e-4, atol=1e-5)
+    resized, _ = embed_boxes(encoder, _MixedSizes(), label_map, image_size=32, progress=False)
+    assert resized.shape == (5, encoder.representation_size)
+
+
+def test_probe_command(tmp_path, capsys):
+    from drcl.cli import main
+
+    data = tmp_path / "d"
+    make_dataset(data, classes=4, train_images=16, val_images=8, image_size=64, imbalance=4, seed=2, progress=False)
+    sets = [f"data.train_json={data / 'annotations' / 'train.json'}", f"data.train_images={data / 'images' / 'train'}",
+            f"data.val_json={data / 'annotations' / 'val.json'}", f"data.val_images={data / 'images' / 'val'}",
+            "train.threads=1"]
+    out = tmp_path / "probe.json"
+    args = ["probe", "--config", str(REPO / "configs" / "tiny.yaml"), "--json", str(out)]
+    assert main(args + sum((["--set", s] for s in sets), [])) == 0
+    result = json.loads(out.read_text())
+    assert 0.0 <= result["acc"] <= 1.0 and result["weights"] is None
+    assert main(args + ["--checkpoint", str(tmp_path / "none.pt")] + sum((["--set", s] for s in sets), [])) == 2
+    assert "none.pt" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+import json
+import os
+
+import pytest
+import torch
+
+from drcl.cli import main
+from drcl.engine.checkpoint import load_checkpoint
+from drcl.model.detector import build_encoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def ft_args(small_data, tiny_args):
+    return tiny_args + [
+        f"data.val_json={small_data / 'annotations' / 'val.json'}",
+        f"data.val_images={small_data / 'images' / 'val'}",
+        "train.max_iters=4", "eval.batch_size=4",
+    ]
+
+
+def _run(cmd, args, *extra):
+    return main([cmd, "--config", "configs/tiny_finetune.yaml", *extra] + sum((["--set", a] for a in args), []))
+
+
+@pytest.fixture
+def encoder_file(tmp_path):
+    torch.manual_seed(0)
+    enc = build_encoder("tiny", norm="gn")
+    with torch.no_grad():
+        enc.roi_heads.box_head.fc7.weight.fill_(0.01)
+    path = tmp_path / "encoder.pt"
+    torch.save(enc.state_dict(), path)
+    return path
+
+
+def test_finetune_from_2drcl_weights_then_evaluate(tmp_path, ft_args, encoder_file, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "ft"
+    assert _run("finetune", ft_args, "--out", str(out), "--init", str(encoder_file)) == 0
+    printed = capsys.readouterr().out
+    assert "loaded 80 tensors: backbone.body (60), backbone.fpn (16), roi_heads.box_head (4)" in printed
+    assert "new (random init): roi_heads.box_predictor (4), rpn.head (6)" in printed
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["iteration"] == 4 and state["meta"]["init"] == str(encoder_file)
+    assert state["meta"]["category_ids"] == list(range(1, 9))
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())["bbox"]
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"):
+        assert -1.0 <= metrics[key] <= 1.0
+    dets = json.loads((out / "eval" / "detections.json").read_text())
+    assert dets and {"image_id", "category_id", "score", "bbox"} <= set(dets[0])
+    assert (out / "eval" / "per_category_bbox.csv").exists()
+
+    # the same model scored again through `drcl evaluate --checkpoint`
+    js = tmp_path / "again.json"
+    assert _run("evaluate", ft_args, "--checkpoint", str(out / "checkpoints" / "last.pt"), "--json", str(js)) == 0
+    assert json.loads(js.read_text())["bbox"]["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+
+
+def test_init_with_other_norm_is_refused(tmp_path, ft_args, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    path = tmp_path / "bn.pt"
+    torch.save(build_encoder("tiny", norm="bn").state_dict(), path)
+    assert _run("finetune", ft_args, "--out", str(tmp_path / "x"), "--init", str(path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("drcl finetune: error: ") and "bn.pt" in err and "normalisation mismatch" in err
+
+
+def test_mask_rcnn_finetune_scores_bbox_and_segm(tmp_path, ft_args, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "mask"
+    assert _run("finetune", ft_args + ["model.masks=true", "train.max_iters=2"], "--out", str(out)) == 0
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert set(metrics) == {"bbox", "segm"}
+    dets = json.loads((out / "eval" / "detections.json").read_text())
+    assert "segmentation" in dets[0] and set(dets[0]["segmentation"]) == {"size", "counts"}
+
+
+def test_evaluate_a_detection_file(lvis_files, tmp_path, capsys):
+    gt, _ = lvis_files
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [4, 6, 20, 10], "score": 0.9},
+            {"image_id": 2, "category_id": 2, "bbox": [0, 0, 80, 60], "score": 0.8}]
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps(dets))
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--gt", str(gt), "--detections", str(path), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["AP50"] == pytest.approx(json.loads(out.read_text())["AP50"]) and 0 < result["AP50"] <= 1
+    assert (tmp_path / "m_per_category.csv").exists()
+    path.write_text(json.dumps([{"image_id": 99, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}]))
+    assert main(["evaluate", "--gt", str(gt), "--detections", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("drcl evaluate: error: ") and "detection #0" in err
+
+
+def test_evaluate_needs_one_mode(capsys):
+    assert main(["evaluate", "--gt", "a.json"]) == 2
+    assert "--detections" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt,name,key", [
+    ("torchvision", "w.pth", "backbone.body.conv1.weight"),
+    ("mmdet", "w.pth", "state_dict"),
+    ("detectron2", "w.pkl", "model"),
+])
+def test_export_command(tmp_path, encoder_file, fmt, name, key):
+    import pickle
+
+    out = tmp_path / name
+    assert main(["export", str(encoder_file), "--format", fmt, "--out", str(out)]) == 0
+    data = pickle.loads(out.read_bytes()) if fmt == "detectron2" else torch.load(out)
+    assert key in data
