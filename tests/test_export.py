@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from drcl.export import (
     FORMATS,
