@@ -1,0 +1,199 @@
+"""Does 2DRCL pre-training raise AP on tail classes? Rows at matched total compute, several seeds.
+
+Rows (DESIGN.md §3-§4 and the paper's ablations):
+
+    random      no pre-training; fine-tuning gets extra iterations worth the pre-training time
+    hcl         HCL only (image-level MoCo-style contrast)
+    hcl_lcl     HCL + LCL
+    full        2DRCL: HCL + LCL + DRB + AR + SR
+    no_drb      full without dynamic rebalancing (random image sampling, uniform box choice)
+    no_ar       full without appearance reconstruction
+    no_sr       full without semantic reconstruction
+    supervised  cross-entropy classification of ground-truth boxes (RoIAlign + box head +
+                linear), same views, same iterations: the supervised reference
+
+For each row and seed: pre-train (same iterations for every pre-trained row), linear probe of
+the frozen encoder's box features (val top-1 per frequency group), fine-tune the tiny Faster
+R-CNN and score bbox AP under LVIS rules. "Matched compute": the random row's fine-tuning gets
+``ceil(pretrain seconds of the full row / fine-tuning seconds per iteration)`` extra iterations.
+Random init stands in for ImageNet init offline; ``--imagenet`` starts every row's backbone
+from torchvision's ImageNet weights when they are in the local torch cache.
+
+    python benchmarks/tail_gain.py --out runs/tail_gain --seeds 0 1 2 [--rows full random ...]
+
+Prints a markdown table (mean ± std over seeds) of AP, APr, APc, APf and probe top-1 per group,
+and writes every number to OUT/results.json. Minutes per row and seed on 2 CPU cores at the
+default sizes; the full table takes hours on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from drcl.config import load_config
+from drcl.data.annotations import load_annotations
+from drcl.data.dataset import DetectionDataset
+from drcl.data.synthetic import make_dataset
+from drcl.engine.loader import SeededDataset, SeededSampler
+from drcl.evaluation.probe import run_probe
+from drcl.finetune import finetune
+from drcl.model.detector import build_encoder
+from drcl.pretrain import pretrain
+from drcl.sampling import RepeatFactorSampler
+from drcl.views import TwoViewTransform, collate_views
+
+ROWS = {
+    "random": None,
+    "hcl": ["model.lcl=false", "model.ar=false", "model.sr=false"],
+    "hcl_lcl": ["model.ar=false", "model.sr=false"],
+    "full": [],
+    "no_drb": ["model.drb=false", "sampler.mode=random"],
+    "no_ar": ["model.ar=false"],
+    "no_sr": ["model.sr=false"],
+    "supervised": "supervised",
+}
+METRICS = ("AP", "APr", "APc", "APf")
+
+
+def data_overrides(data: Path) -> list[str]:
+    return [f"data.train_json={data / 'annotations' / 'train.json'}", f"data.train_images={data / 'images' / 'train'}",
+            f"data.val_json={data / 'annotations' / 'val.json'}", f"data.val_images={data / 'images' / 'val'}"]
+
+
+def supervised_pretrain(cfg: dict, out: Path) -> Path:
+    """Cross-entropy on ground-truth box crops (RoIAlign -> box head -> linear), through the
+    same two-view pipeline (view 1 only), for ``train.max_iters`` iterations."""
+    t, d = cfg["train"], cfg["data"]
+    torch.manual_seed(cfg["seed"])
+    ann = load_annotations(d["train_json"], d["train_images"])
+    dataset = DetectionDataset(ann, transforms=TwoViewTransform(size=d["image_size"]), masks=False)
+    sampler = RepeatFactorSampler(ann.image_index, ann.category_index, ann.num_images, ann.num_categories,
+                                  mode="random", seed=cfg["seed"])
+    loader = torch.utils.data.DataLoader(SeededDataset(dataset), batch_size=t["batch_size"], drop_last=True,
+                                         sampler=SeededSampler(sampler, cfg["seed"]), collate_fn=collate_views)
+    encoder = build_encoder(cfg["model"]["preset"], norm=cfg["model"]["norm"])
+    head = nn.Linear(encoder.representation_size, ann.num_categories + 1)
+    params = list(encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=t["lr"], momentum=0.9, weight_decay=t["weight_decay"])
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    it, epoch = 0, 0
+    while it < t["max_iters"]:
+        sampler.set_epoch(epoch)
+        for images, _, targets, _ in loader:
+            if it >= t["max_iters"]:
+                break
+            boxes = [x["boxes"] for x in targets]
+            labels = torch.cat([x["labels"] for x in targets])
+            if labels.numel() == 0:
+                continue
+            lr = t["lr"] * min(1.0, (it + 1) / max(1, t["warmup_iters"]))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = nn.functional.cross_entropy(head(encoder((images - mean) / std, boxes)["roi"]), labels)
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+            it += 1
+        epoch += 1
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(encoder.state_dict(), out / "encoder.pt")
+    return out / "encoder.pt"
+
+
+def run_row(row: str, seed: int, data: Path, out: Path, args, extra_iters: int) -> dict:
+    base = data_overrides(data) + [f"seed={seed}", f"train.max_iters={args.pretrain_iters}",
+                                   f"train.checkpoint_every={args.pretrain_iters}", "train.warmup_iters=10",
+                                   "sampler.updates=10"] + (["model.imagenet=true"] if args.imagenet else [])
+    record = {"row": row, "seed": seed}
+    weights, start = None, time.perf_counter()
+    if ROWS[row] == "supervised":
+        weights = str(supervised_pretrain(load_config("tiny", base), out / "pretrain"))
+    elif ROWS[row] is not None:
+        pretrain(load_config("tiny", base + ROWS[row]), out / "pretrain")
+        weights = str(out / "pretrain" / "encoder.pt")
+    record["pretrain_s"] = time.perf_counter() - start
+    probe_cfg = load_config("tiny", base)
+    record["probe"] = run_probe(probe_cfg, weights, seed=seed, progress=False)
+    ft_iters = args.finetune_iters + (extra_iters if row == "random" else 0)
+    ft = load_config("tiny_finetune", data_overrides(data) + [
+        f"seed={seed}", f"train.max_iters={ft_iters}", f"train.checkpoint_every={ft_iters}"]
+        + (["model.imagenet=true"] if args.imagenet else []))
+    start = time.perf_counter()
+    result = finetune(ft, out / "finetune", init=weights)["eval"]["bbox"]
+    record["finetune_s"] = time.perf_counter() - start
+    record["finetune_iters"] = ft_iters
+    record["detection"] = {m: result[m] for m in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")}
+    return record
+
+
+def _cell(values: list[float]) -> str:
+    values = [v for v in values if v is not None and v >= 0]
+    if not values:
+        return "n/a"
+    mean = 100 * statistics.fmean(values)
+    spread = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {spread:.1f}"
+
+
+def table(records: list[dict]) -> str:
+    rows = [r for r in ROWS if any(x["row"] == r for x in records)]
+    probe_keys = ("r", "c", "f")
+    lines = ["| row | seeds | " + " | ".join(METRICS) + " | probe r | probe c | probe f |",
+             "|---|---|" + "---|" * (len(METRICS) + 3)]
+    for row in rows:
+        mine = [x for x in records if x["row"] == row]
+        cells = [_cell([x["detection"][m] for x in mine]) for m in METRICS]
+        cells += [_cell([x["probe"][f"acc_{g}"] for x in mine]) for g in probe_keys]
+        lines.append(f"| {row} | {len(mine)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/tail_gain")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--pretrain-iters", type=int, default=90)
+    ap.add_argument("--finetune-iters", type=int, default=220)
+    ap.add_argument("--train-images", type=int, default=800)
+    ap.add_argument("--classes", type=int, default=40)
+    ap.add_argument("--imagenet", action="store_true", help="start backbones from local ImageNet weights")
+    args = ap.parse_args()
+    out = Path(args.out)
+    results_path = out / "results.json"
+    records = json.loads(results_path.read_text()) if results_path.exists() else []
+    done = {(r["row"], r["seed"]) for r in records}
+    rows = sorted(args.rows, key=lambda r: r != "full")  # the full row first: it sets the matched compute
+    for seed in args.seeds:
+        data = out / f"data-seed{seed}"
+        if not (data / "annotations" / "val.json").exists():
+            make_dataset(data, classes=args.classes, train_images=args.train_images, val_images=args.train_images // 5,
+                         image_size=160, imbalance=100.0, seed=seed, progress=False)
+        for row in rows:
+            if (row, seed) in done:
+                continue
+            full = [r for r in records if r["row"] == "full" and r["seed"] == seed]
+            extra = 0
+            if row == "random" and full:
+                per_iter = full[0]["finetune_s"] / full[0]["finetune_iters"]
+                extra = math.ceil(full[0]["pretrain_s"] / per_iter)
+            print(f"== {row}, seed {seed}", flush=True)
+            records.append(run_row(row, seed, data, out / f"{row}-seed{seed}", args, extra))
+            results_path.parent.mkdir(parents=True, exist_ok=True)
+            results_path.write_text(json.dumps(records, indent=2))
+    print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(table(records))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+import json
+
+from drcl.demo import run_demo
+
+SMALL = {
+    "data": {"classes": 5, "train_images": 16, "val_images": 6, "image_size": 64, "imbalance": 4.0},
+    "pretrain_iters": 3,
+    "finetune_iters": 3,
+    "overrides": ["train.batch_size=2", "train.threads=1", "train.log_every=1", "train.warmup_iters=1",
+                  "model.hcl_queue=8", "model.lcl_queue=16", "eval.batch_size=3"],
+}
+
+
+def test_demo_writes_a_report_with_both_rows(tmp_path):
+    report = run_demo(tmp_path / "demo", SMALL)
+    text = report.read_text()
+    assert "| random init, same compute |" in text and "| 2DRCL pre-training |" in text
+    assert "| difference |" in text
+    for png in ("class_frequency", "sampling_share", "losses", "ap_per_group", "reconstructions"):
+        assert (tmp_path / "demo" / f"{png}.png").read_bytes()[:4] == b"\x89PNG", png
+        assert f"({png}.png)" in text
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(results["2drcl"]) >= {"AP", "APr", "APc", "APf"}
+    # the baseline fine-tuned longer: the pre-training's time in fine-tuning iterations
+    assert results["extra"] >= 1
+    rows = (tmp_path / "demo" / "finetune-random" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(rows[-1])["iter"] == 3 + results["extra"]
