@@ -28,8 +28,8 @@ from drcl.data.annotations import Annotations, load_annotations
 from drcl.data.dataset import DetectionDataset, collate
 from drcl.atomic import write_json
 from drcl.engine.checkpoint import encoder_weights, load_checkpoint
-from drcl.engine.distributed import cleanup, init_distributed
-from drcl.engine.trainer import Task, make_loader, pick_device, train
+from drcl.engine.distributed import cleanup
+from drcl.engine.trainer import Task, make_loader, prepare_run, train
 from drcl.errors import DataError
 from drcl.evaluation.inference import predict
 from drcl.evaluation.lvis_eval import evaluate_detections, format_results, plot_ap_vs_frequency, write_per_category_csv
@@ -99,22 +99,10 @@ def evaluate_model(detector, cfg: dict, device, out: Path, train_ann: Annotation
 
 def finetune(cfg: dict, out_dir: str | os.PathLike, init: str | None = None, resume: bool = False,
              evaluate: bool = True) -> dict:
-    require(cfg, "data.train_json", "data.train_images")
-    d, t = cfg["data"], cfg["train"]
-    out = Path(out_dir)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    if resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-    if not resume and ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run or choose another --out")
-    device = pick_device(t["device"])
-    info = init_distributed(device)
+    d = cfg["data"]
+    ckpt_path = Path(out_dir) / "checkpoints" / "last.pt"
+    info, device, ann = prepare_run(cfg, out_dir, resume)
     try:
-        if t["threads"]:
-            torch.set_num_threads(t["threads"])
-        torch.manual_seed(cfg["seed"])
-        ann = load_annotations(d["train_json"], d["train_images"], on_bad=d["on_bad"], check_images="header",
-                               progress=info.is_main)
         detector, masks = build_model(cfg, ann, None if resume else init, verbose=info.is_main)
         detector.to(device)
         augment = v2.Compose([v2.RandomHorizontalFlip(0.5), v2.ToDtype(torch.float32, scale=True)])

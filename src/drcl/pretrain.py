@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 
-from drcl.config import drcl_config, require
-from drcl.data.annotations import load_annotations
+from drcl.config import drcl_config
 from drcl.data.boxes import ProposalBoxes, RandomBoxes, load_proposals
 from drcl.data.dataset import DetectionDataset
-from drcl.engine.distributed import cleanup, init_distributed
-from drcl.engine.trainer import NonFiniteLoss, Task, make_loader, pick_device, train
+from drcl.engine.distributed import cleanup
+from drcl.engine.trainer import NonFiniteLoss, Task, make_loader, prepare_run, train
 from drcl.model.drcl import DRCL, TERMS
 from drcl.model.memory import momentum_at
 from drcl.views import TwoViewTransform, collate_views
@@ -48,23 +47,10 @@ def _forward(model, batch, generator, weights):
 def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dict:
     """Run (or resume) pre-training into ``out_dir``: ``config.yaml``, ``metrics.jsonl``,
     ``tb/``, ``checkpoints/last.pt`` and, at the end, ``encoder.pt``."""
-    require(cfg, "data.train_json", "data.train_images")
     d, t = cfg["data"], cfg["train"]
     ckpt_path = Path(out_dir) / "checkpoints" / "last.pt"
-    if resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-    if not resume and ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run or choose another --out")
-    device = pick_device(t["device"])
-    info = init_distributed(device)
+    info, device, ann = prepare_run(cfg, out_dir, resume)
     try:
-        if t["threads"]:
-            torch.set_num_threads(t["threads"])
-        torch.manual_seed(cfg["seed"])
-        ann = load_annotations(d["train_json"], d["train_images"], on_bad=d["on_bad"], check_images="header",
-                               progress=info.is_main)
-        if ann.skipped and info.is_main:
-            print(f"{ann.path}: skipped {sum(ann.skipped.values())} bad records ({dict(ann.skipped)})")
         source = None
         if d["boxes"] == "proposals":
             source = ProposalBoxes(load_proposals(d["proposals"], ann))

@@ -209,18 +209,28 @@ def load_annotations(
     )
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str, what: str = "JSON file"):
+    """Parse a JSON file; a missing, empty, non-UTF-8 or malformed file is a one-line
+    :class:`DataError` naming the file (``what`` says what was expected)."""
     try:
         with open(path, "rb") as f:
-            data = json.load(f)
+            raw = f.read()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a JSON file") from None
+        raise DataError(f"{path}: is a directory, expected a {what}") from None
+    if not raw.strip():
+        raise DataError(f"{path}: empty file, expected a {what}")
+    try:
+        return json.loads(raw)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_json(path: str) -> dict:
+    data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with images, annotations and categories")
     for key in ("images", "annotations", "categories"):

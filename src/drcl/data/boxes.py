@@ -10,14 +10,13 @@ category: weight 1 for DRB box choice and never a supervised extra positive.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 
 import torch
 from torchvision import tv_tensors
 
-from drcl.data.annotations import Annotations
+from drcl.data.annotations import Annotations, read_json
 from drcl.errors import DataError
 
 
@@ -27,13 +26,7 @@ def load_proposals(path, annotations: Annotations, max_per_image: int = 100, min
     score >= ``min_score``, clipped to the image. Unknown image ids and malformed records are
     a :class:`DataError` naming the file and the record index."""
     path = str(path)
-    try:
-        with open(path, "rb") as f:
-            records = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    records = read_json(path, "JSON list of proposals")
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of proposals in COCO results format")
     images = {img["id"]: img for img in annotations.images}

@@ -32,10 +32,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from drcl.config import dump_config
-from drcl.data.annotations import Annotations
+from drcl.config import dump_config, require
+from drcl.data.annotations import Annotations, load_annotations
 from drcl.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from drcl.engine.distributed import DistInfo, all_gather_objects, barrier
+from drcl.engine.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from drcl.engine.loader import SeededDataset, SeededSampler
 from drcl.sampling import AlphaSchedule, RepeatFactorSampler
 
@@ -79,6 +79,34 @@ def build_optimizer(model: nn.Module, train: dict):
     if train["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=train["lr"], momentum=train["momentum"], weight_decay=train["weight_decay"])
     return torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
+
+
+def prepare_run(cfg: dict, out_dir, resume: bool):
+    """What every training command does first: check ``--resume`` against the run folder,
+    pick the device, join the process group, set threads and seed, and read the training
+    annotations. Returns ``(info, device, annotations)``; call
+    :func:`~drcl.engine.distributed.cleanup` with ``info`` when done."""
+    require(cfg, "data.train_json", "data.train_images")
+    d, t = cfg["data"], cfg["train"]
+    ckpt_path = Path(out_dir) / "checkpoints" / "last.pt"
+    if resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    if not resume and ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run or choose another --out")
+    device = pick_device(t["device"])
+    info = init_distributed(device)
+    try:
+        if t["threads"]:
+            torch.set_num_threads(t["threads"])
+        torch.manual_seed(cfg["seed"])
+        ann = load_annotations(d["train_json"], d["train_images"], on_bad=d["on_bad"], check_images="header",
+                               progress=info.is_main)
+    except BaseException:
+        cleanup(info)
+        raise
+    if ann.skipped and info.is_main:
+        print(f"{ann.path}: skipped {sum(ann.skipped.values())} bad records ({dict(ann.skipped)})")
+    return info, device, ann
 
 
 def make_loader(cfg: dict, ann: Annotations, dataset, collate, info: DistInfo):

@@ -72,14 +72,13 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import math
 import os
 from collections import Counter
 
 import numpy as np
 
-from drcl.data.annotations import GROUPS, Annotations, load_annotations
+from drcl.data.annotations import GROUPS, Annotations, load_annotations, read_json
 from drcl.errors import DataError
 
 
@@ -220,25 +219,6 @@ def _ground_truth(ann: Annotations, iou_type: str) -> tuple[dict, Counter]:
 
 
 # --------------------------------------------------------------------------- detections
-
-
-def _read_detections(path: str) -> list:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a JSON file of detections") from None
-    if not raw.strip():
-        raise DataError(f"{path}: empty file, expected a JSON list of detections")
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return data
 
 
 def _detections(
@@ -437,7 +417,7 @@ def evaluate_detections(
 
     if isinstance(detections, (str, os.PathLike)):
         label = str(detections)
-        detections = _read_detections(label)
+        detections = read_json(label, "JSON list of detections")
     else:
         label = "detections"
     dts, capped, empty = _detections(detections, label, gt_dict, iou_type, max_dets)
