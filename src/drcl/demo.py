@@ -229,7 +229,7 @@ def write_report(out: Path, data: Path, pre_cfg: dict, drcl: dict, base: dict, i
         "",
         "One seed, a small synthetic set and minutes of CPU: differences of a few points are within the",
         "noise between seeds. `benchmarks/tail_gain.py` runs the comparison with several seeds and the",
-        "ablations; BENCHMARKS.md records what it found.",
+        "ablations; BENCHMARKS.md records what has been measured so far.",
         "",
         "![class frequency](class_frequency.png)",
         "![sampling share](sampling_share.png)",

@@ -5,7 +5,9 @@ import csv
 import json
 import math
 
+import lvis
 import numpy as np
+import pycocotools.mask as mask_utils  # lvis-api imports it without declaring it (a test extra)
 import pytest
 
 from drcl.errors import DataError
@@ -18,9 +20,7 @@ from drcl.evaluation import (
     write_per_category_csv,
 )
 
-lvis = pytest.importorskip("lvis")
 pytestmark = pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")
-mask_utils = pytest.importorskip("pycocotools.mask")  # lvis-api's own dependency
 
 # ----------------------------------------------------------------------------- synthetic data
 
