@@ -117,7 +117,7 @@ def test_sr_loss_is_cosine_distance_with_stop_gradient():
     fpn = np.mean([np_cos_dist(on[k].detach().numpy(), tg[k].detach().numpy(), 1).mean() for k in on])
     roi = np_cos_dist(r_on.detach().numpy(), r_tg.detach().numpy(), 1).mean()
     loss = sr_loss(on, tg, r_on, r_tg)
-    assert float(loss) == pytest.approx(fpn + roi, rel=1e-9)
+    assert loss.item() == pytest.approx(fpn + roi, rel=1e-9)
     loss.backward()
     assert on["0"].grad is not None and r_on.grad is not None
     assert tg["0"].grad is None and r_tg.grad is None
