@@ -121,4 +121,4 @@ def test_sr_loss_is_cosine_distance_with_stop_gradient():
     loss.backward()
     assert on["0"].grad is not None and r_on.grad is not None
     assert tg["0"].grad is None and r_tg.grad is None
-    assert float(sr_loss(on, {k: v * 2 for k, v in on.items()})) == pytest.approx(0.0, abs=1e-9)
+    assert sr_loss(on, {k: v * 2 for k, v in on.items()}).item() == pytest.approx(0.0, abs=1e-9)
