@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from drcl.evaluation import METRICS, evaluate_detections
+from timing import best_of  # benchmarks/timing.py
 
 GROUP_SIZES = {"r": 130, "c": 150, "f": 120}
 
@@ -111,15 +112,6 @@ def run_lvis_api(gt_path: str, det_path: str) -> dict:
         if not had:
             del np.float
     return {m: float(ev.results[m]) for m in METRICS}
-
-
-def best_of(fn, repeats: int):
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
 
 
 def main(argv=None) -> None:

@@ -33,6 +33,7 @@ from drcl.sampling import (
     category_repeat_factors,
     image_repeat_factors,
 )
+from timing import best_of  # benchmarks/timing.py
 
 LVIS_V1_TRAIN = {
     "images": 100_170,
@@ -131,16 +132,6 @@ def loop_epoch(rep_factors, seed: int, epoch: int, rank: int, world_size: int) -
     pad = -len(indices) % world_size
     indices += indices[:pad]
     return indices[rank::world_size]
-
-
-# ----------------------------------------------------------------------------- timing
-def best_of(fn, repeats: int):
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
 
 
 def main(argv=None) -> None:
