@@ -241,21 +241,22 @@ def cmd_evaluate(args) -> int:
         if args.gt or args.detections or not args.config:
             raise _UsageError("use --checkpoint CKPT --config CFG, or --gt GT.json --detections DT.json")
         from drcl.config import ConfigError, load_config
-        from drcl.data.annotations import load_annotations
         from drcl.engine.trainer import pick_device
-        from drcl.finetune import evaluate_model, load_finetuned
+        from drcl.finetune import evaluate_model, load_finetuned, load_val
 
         try:
             cfg = load_config(args.config, args.overrides)
         except ConfigError as e:
             raise _UsageError(str(e)) from None
-        val = load_annotations(cfg["data"]["val_json"], cfg["data"]["val_images"]) if cfg["data"]["val_json"] else None
-        if val is None:
-            raise _UsageError("key 'data.val_json' is not set: give it in the config file or with --set")
+        try:
+            val = load_val(cfg)
+        except ConfigError as e:
+            raise _UsageError(str(e)) from None
         detector, meta = load_finetuned(args.checkpoint, cfg, val)
         device = pick_device(cfg["train"]["device"])
         out = Path(args.json_out).parent if args.json_out else Path(args.checkpoint).parent.parent / "eval"
-        results = evaluate_model(detector.to(device), cfg, device, out, None, meta["masks"], meta["category_ids"])
+        results = evaluate_model(detector.to(device), cfg, device, out, None, meta["masks"], meta["category_ids"],
+                                 val=val)
         if args.json_out:
             _write_json(args.json_out, {k: {m: v for m, v in r.items() if m != "per_category"} for k, r in results.items()})
             print(f"wrote {args.json_out} and the detections to {out / 'detections.json'}")

@@ -69,12 +69,16 @@ class _Forward:
         return {**losses, "loss": sum(losses.values())}
 
 
-def evaluate_model(detector, cfg: dict, device, out: Path, train_ann: Annotations | None, masks: bool,
-                   category_ids: list, progress: bool = True) -> dict:
-    """Detections on the val set (``data.val_json`` / ``data.val_images``), scored under LVIS
-    rules; everything written under ``out``."""
+def load_val(cfg: dict) -> Annotations:
     require(cfg, "data.val_json", "data.val_images")
-    val = load_annotations(cfg["data"]["val_json"], cfg["data"]["val_images"], check_images="header")
+    return load_annotations(cfg["data"]["val_json"], cfg["data"]["val_images"], check_images="header")
+
+
+def evaluate_model(detector, cfg: dict, device, out: Path, train_ann: Annotations | None, masks: bool,
+                   category_ids: list, progress: bool = True, val: Annotations | None = None) -> dict:
+    """Detections on the val set (``val``, else read from ``data.val_json`` /
+    ``data.val_images``), scored under LVIS rules; everything written under ``out``."""
+    val = val if val is not None else load_val(cfg)
     if [c["id"] for c in val.categories] != category_ids:
         raise DataError(f"{val.path}: its categories differ from the ones the model was trained on")
     dets = predict(detector, DetectionDataset(val), category_ids, cfg["eval"]["batch_size"], device, progress)
