@@ -12,6 +12,18 @@ Rows (DESIGN.md §3-§4 and the paper's ablations):
     supervised  cross-entropy classification of ground-truth boxes (RoIAlign + box head +
                 linear), same views, same iterations: the supervised reference
 
+Diagnostic rows, not in the default set (``--rows`` names them):
+
+    random_same_ft   random init with only the pre-trained rows' fine-tuning iterations: does
+                     the pre-training help at all, leaving its compute aside?
+    alpha_image      full, alpha held at 1 (image-level rebalancing, RFS) all through
+    alpha_instance   full, alpha held at 0 (instance-level rebalancing) all through
+    supervised_lcl   full, with same-category boxes as extra LCL positives
+    no_hcl           full without HCL (DESIGN.md §3: image-level contrast alone hurt box features)
+
+``--probe-only`` skips fine-tuning (the probe is minutes, detection AP is most of a row's time):
+use it with its own ``--out`` for sweeps such as the alpha rows.
+
 For each row and seed: pre-train (same iterations for every pre-trained row), linear probe of
 the frozen encoder's box features (val top-1 per frequency group), fine-tune the tiny Faster
 R-CNN and score bbox AP under LVIS rules. "Matched compute": the random row's fine-tuning gets
@@ -21,9 +33,13 @@ from torchvision's ImageNet weights when they are in the local torch cache.
 
     python benchmarks/tail_gain.py --out runs/tail_gain --seeds 0 1 2 [--rows full random ...]
 
-Prints a markdown table (mean ± std over seeds) of AP, APr, APc, APf and probe top-1 per group,
-and writes every number to OUT/results.json. Minutes per row and seed on 2 CPU cores at the
-default sizes; the full table takes hours on a CPU.
+Each (row, seed) writes OUT/<row>-seed<seed>/record.json when it finishes; a rerun skips the
+finished ones, and several processes may share one OUT (different rows or seeds each, e.g. two
+workers with ``--threads 1`` on 2 cores; keep ``full`` and ``random`` of a seed in one worker so
+both see the same load). Prints a markdown table (mean ± std over seeds) of AP, APr, APc, APf
+and probe top-1 per group from every record in OUT, and writes them all to OUT/results.json.
+About 9 minutes per row and seed with 1 thread at the default sizes; the full table takes hours
+on a CPU.
 """
 
 from __future__ import annotations
@@ -31,7 +47,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -39,6 +57,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from drcl.atomic import write_json
 from drcl.config import load_config
 from drcl.data.annotations import load_annotations
 from drcl.data.dataset import DetectionDataset
@@ -61,6 +80,14 @@ ROWS = {
     "no_sr": ["model.sr=false"],
     "supervised": "supervised",
 }
+DIAGNOSTIC = {
+    "random_same_ft": None,
+    "alpha_image": ["sampler.alpha_end=1.0"],
+    "alpha_instance": ["sampler.alpha_start=0.0"],
+    "supervised_lcl": ["model.supervised=true"],
+    "no_hcl": ["model.hcl=false"],
+}
+OVERRIDES = {**ROWS, **DIAGNOSTIC}
 METRICS = ("AP", "APr", "APc", "APf")
 
 
@@ -111,21 +138,26 @@ def supervised_pretrain(cfg: dict, out: Path) -> Path:
 
 
 def run_row(row: str, seed: int, data: Path, out: Path, args, extra_iters: int) -> dict:
-    base = data_overrides(data) + [f"seed={seed}", f"train.max_iters={args.pretrain_iters}",
+    threads = [f"train.threads={args.threads}"] if args.threads else []
+    base = data_overrides(data) + threads + [f"seed={seed}", f"train.max_iters={args.pretrain_iters}",
                                    f"train.checkpoint_every={args.pretrain_iters}", "train.warmup_iters=10",
                                    "sampler.updates=10"] + (["model.imagenet=true"] if args.imagenet else [])
     record = {"row": row, "seed": seed}
     weights, start = None, time.perf_counter()
-    if ROWS[row] == "supervised":
+    if OVERRIDES[row] == "supervised":
         weights = str(supervised_pretrain(load_config("tiny", base), out / "pretrain"))
-    elif ROWS[row] is not None:
-        pretrain(load_config("tiny", base + ROWS[row]), out / "pretrain")
+    elif OVERRIDES[row] is not None:
+        pretrain(load_config("tiny", base + OVERRIDES[row]), out / "pretrain")
         weights = str(out / "pretrain" / "encoder.pt")
     record["pretrain_s"] = time.perf_counter() - start
     probe_cfg = load_config("tiny", base)
     record["probe"] = run_probe(probe_cfg, weights, seed=seed, progress=False)
+    record["threads"] = torch.get_num_threads()
+    if args.probe_only:
+        record["detection"] = None
+        return record
     ft_iters = args.finetune_iters + (extra_iters if row == "random" else 0)
-    ft = load_config("tiny_finetune", data_overrides(data) + [
+    ft = load_config("tiny_finetune", data_overrides(data) + threads + [
         f"seed={seed}", f"train.max_iters={ft_iters}", f"train.checkpoint_every={ft_iters}"]
         + (["model.imagenet=true"] if args.imagenet else []))
     start = time.perf_counter()
@@ -146,52 +178,73 @@ def _cell(values: list[float]) -> str:
 
 
 def table(records: list[dict]) -> str:
-    rows = [r for r in ROWS if any(x["row"] == r for x in records)]
-    probe_keys = ("r", "c", "f")
-    lines = ["| row | seeds | " + " | ".join(METRICS) + " | probe r | probe c | probe f |",
-             "|---|---|" + "---|" * (len(METRICS) + 3)]
+    rows = [r for r in OVERRIDES if any(x["row"] == r for x in records)]
+    probe_keys = ("", "_r", "_c", "_f")
+    lines = ["| row | seeds | " + " | ".join(METRICS) + " | probe all | probe r | probe c | probe f |",
+             "|---|---|" + "---|" * (len(METRICS) + 4)]
     for row in rows:
         mine = [x for x in records if x["row"] == row]
-        cells = [_cell([x["detection"][m] for x in mine]) for m in METRICS]
-        cells += [_cell([x["probe"][f"acc_{g}"] for x in mine]) for g in probe_keys]
+        cells = [_cell([x["detection"][m] for x in mine if x["detection"]]) for m in METRICS]
+        cells += [_cell([x["probe"][f"acc{g}"] for x in mine]) for g in probe_keys]
         lines.append(f"| {row} | {len(mine)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def make_data(data: Path, args, seed: int) -> None:
+    """Generate one seed's dataset once, even with several workers racing for it."""
+    if (data / "annotations" / "val.json").exists():
+        return
+    tmp = data.with_name(f"{data.name}.tmp-{os.getpid()}")
+    make_dataset(tmp, classes=args.classes, train_images=args.train_images, val_images=args.train_images // 5,
+                 image_size=160, imbalance=100.0, seed=seed, progress=False)
+    try:
+        tmp.rename(data)
+    except OSError:  # another worker finished first; its copy is identical (same seed)
+        shutil.rmtree(tmp)
+
+
+def load_records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*-seed*/record.json"))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/tail_gain")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(OVERRIDES))
     ap.add_argument("--pretrain-iters", type=int, default=90)
     ap.add_argument("--finetune-iters", type=int, default=220)
     ap.add_argument("--train-images", type=int, default=800)
     ap.add_argument("--classes", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: the configs')")
+    ap.add_argument("--probe-only", action="store_true", help="probe each encoder, skip fine-tuning and AP")
     ap.add_argument("--imagenet", action="store_true", help="start backbones from local ImageNet weights")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
-    results_path = out / "results.json"
-    records = json.loads(results_path.read_text()) if results_path.exists() else []
-    done = {(r["row"], r["seed"]) for r in records}
     rows = sorted(args.rows, key=lambda r: r != "full")  # the full row first: it sets the matched compute
     for seed in args.seeds:
         data = out / f"data-seed{seed}"
-        if not (data / "annotations" / "val.json").exists():
-            make_dataset(data, classes=args.classes, train_images=args.train_images, val_images=args.train_images // 5,
-                         image_size=160, imbalance=100.0, seed=seed, progress=False)
+        make_data(data, args, seed)
         for row in rows:
-            if (row, seed) in done:
+            run_dir = out / f"{row}-seed{seed}"
+            if (run_dir / "record.json").exists():
                 continue
-            full = [r for r in records if r["row"] == "full" and r["seed"] == seed]
             extra = 0
-            if row == "random" and full:
-                per_iter = full[0]["finetune_s"] / full[0]["finetune_iters"]
-                extra = math.ceil(full[0]["pretrain_s"] / per_iter)
+            if row == "random":
+                full = run_dir.with_name(f"full-seed{seed}") / "record.json"
+                if not full.exists():
+                    raise SystemExit(f"tail_gain: the random row of seed {seed} needs {full} first "
+                                     f"(its pre-training time sets the matched compute); add --rows full")
+                full = json.loads(full.read_text())
+                extra = math.ceil(full["pretrain_s"] / (full["finetune_s"] / full["finetune_iters"]))
             print(f"== {row}, seed {seed}", flush=True)
-            records.append(run_row(row, seed, data, out / f"{row}-seed{seed}", args, extra))
-            results_path.parent.mkdir(parents=True, exist_ok=True)
-            results_path.write_text(json.dumps(records, indent=2))
-    print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+            write_json(run_dir / "record.json", run_row(row, seed, data, run_dir, args, extra))
+    records = load_records(out)
+    write_json(out / "results.json", records)
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(table(records))
 
 
