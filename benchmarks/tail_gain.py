@@ -27,7 +27,10 @@ use it with its own ``--out`` for sweeps such as the alpha rows.
 For each row and seed: pre-train (same iterations for every pre-trained row), linear probe of
 the frozen encoder's box features (val top-1 per frequency group), fine-tune the tiny Faster
 R-CNN and score bbox AP under LVIS rules. "Matched compute": the random row's fine-tuning gets
-``ceil(pretrain seconds of the full row / fine-tuning seconds per iteration)`` extra iterations.
+``ceil(pretrain seconds of the full row / fine-tuning seconds per iteration)`` extra iterations
+(the fine-tuning seconds include the val evaluation, which slightly favours the pre-trained
+rows). "weights moved" is how far pre-training took the encoder from its init
+(:func:`weight_change`).
 Random init stands in for ImageNet init offline; ``--imagenet`` starts every row's backbone
 from torchvision's ImageNet weights when they are in the local torch cache.
 
@@ -137,6 +140,17 @@ def supervised_pretrain(cfg: dict, out: Path) -> Path:
     return out / "encoder.pt"
 
 
+def weight_change(weights: str, seed: int, imagenet: bool = False) -> float:
+    """``||w - w0|| / ||w0||`` over the encoder's weight matrices and kernels, where ``w0`` is the
+    init pre-training started from (the same seed rebuilds it): how far pre-training moved it."""
+    torch.manual_seed(seed)
+    start = build_encoder("tiny", norm="gn", imagenet=imagenet).state_dict()
+    end = torch.load(weights, map_location="cpu", weights_only=True)
+    keys = [k for k, v in start.items() if v.dim() >= 2]
+    moved = sum((end[k].float() - start[k].float()).pow(2).sum() for k in keys)
+    return float((moved / sum(start[k].float().pow(2).sum() for k in keys)).sqrt())
+
+
 def run_row(row: str, seed: int, data: Path, out: Path, args, extra_iters: int) -> dict:
     threads = [f"train.threads={args.threads}"] if args.threads else []
     base = data_overrides(data) + threads + [f"seed={seed}", f"train.max_iters={args.pretrain_iters}",
@@ -150,6 +164,7 @@ def run_row(row: str, seed: int, data: Path, out: Path, args, extra_iters: int) 
         pretrain(load_config("tiny", base + OVERRIDES[row]), out / "pretrain")
         weights = str(out / "pretrain" / "encoder.pt")
     record["pretrain_s"] = time.perf_counter() - start
+    record["weight_change"] = weight_change(weights, seed, args.imagenet) if weights else 0.0
     probe_cfg = load_config("tiny", base)
     record["probe"] = run_probe(probe_cfg, weights, seed=seed, progress=False)
     record["threads"] = torch.get_num_threads()
@@ -180,12 +195,14 @@ def _cell(values: list[float]) -> str:
 def table(records: list[dict]) -> str:
     rows = [r for r in OVERRIDES if any(x["row"] == r for x in records)]
     probe_keys = ("", "_r", "_c", "_f")
-    lines = ["| row | seeds | " + " | ".join(METRICS) + " | probe all | probe r | probe c | probe f |",
-             "|---|---|" + "---|" * (len(METRICS) + 4)]
+    lines = ["| row | seeds | " + " | ".join(METRICS) + " | probe all | probe r | probe c | probe f | weights moved |",
+             "|---|---|" + "---|" * (len(METRICS) + 5)]
     for row in rows:
         mine = [x for x in records if x["row"] == row]
         cells = [_cell([x["detection"][m] for x in mine if x["detection"]]) for m in METRICS]
         cells += [_cell([x["probe"][f"acc{g}"] for x in mine]) for g in probe_keys]
+        moved = _cell([x.get("weight_change") for x in mine])
+        cells.append(moved if moved == "n/a" else moved + " %")
         lines.append(f"| {row} | {len(mine)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
