@@ -37,12 +37,13 @@ from torchvision's ImageNet weights when they are in the local torch cache.
     python benchmarks/tail_gain.py --out runs/tail_gain --seeds 0 1 2 [--rows full random ...]
 
 Each (row, seed) writes OUT/<row>-seed<seed>/record.json when it finishes; a rerun skips the
-finished ones, and several processes may share one OUT (different rows or seeds each, e.g. two
-workers with ``--threads 1`` on 2 cores; keep ``full`` and ``random`` of a seed in one worker so
-both see the same load). Prints a markdown table (mean ± std over seeds) of AP, APr, APc, APf
-and probe top-1 per group from every record in OUT, and writes them all to OUT/results.json.
-About 9 minutes per row and seed with 1 thread at the default sizes; the full table takes hours
-on a CPU.
+finished ones and starts unfinished ones over (a probe-only record counts as finished only
+for ``--probe-only``). Several processes may share one OUT, each with different rows or seeds,
+e.g. two workers with ``--threads 1`` on 2 cores; keep ``full`` and ``random`` of a seed in one
+worker so both see the same load. Prints a markdown table (mean ± std over seeds) of AP, APr,
+APc, APf and probe top-1 per group from every record in OUT, and writes them all to
+OUT/results.json. About 9 minutes per row and seed with 1 thread at the default sizes; the full
+table takes hours on a CPU.
 """
 
 from __future__ import annotations
@@ -140,11 +141,13 @@ def supervised_pretrain(cfg: dict, out: Path) -> Path:
     return out / "encoder.pt"
 
 
-def weight_change(weights: str, seed: int, imagenet: bool = False) -> float:
+def weight_change(weights: str, cfg: dict) -> float:
     """``||w - w0|| / ||w0||`` over the encoder's weight matrices and kernels, where ``w0`` is the
-    init pre-training started from (the same seed rebuilds it): how far pre-training moved it."""
-    torch.manual_seed(seed)
-    start = build_encoder("tiny", norm="gn", imagenet=imagenet).state_dict()
+    init pre-training started from (``cfg``'s seed, preset, norm and imagenet switch rebuild it):
+    how far pre-training moved it."""
+    torch.manual_seed(cfg["seed"])
+    m = cfg["model"]
+    start = build_encoder(m["preset"], norm=m["norm"], imagenet=m["imagenet"]).state_dict()
     end = torch.load(weights, map_location="cpu", weights_only=True)
     keys = [k for k, v in start.items() if v.dim() >= 2]
     moved = sum((end[k].float() - start[k].float()).pow(2).sum() for k in keys)
@@ -164,8 +167,8 @@ def run_row(row: str, seed: int, data: Path, out: Path, args, extra_iters: int) 
         pretrain(load_config("tiny", base + OVERRIDES[row]), out / "pretrain")
         weights = str(out / "pretrain" / "encoder.pt")
     record["pretrain_s"] = time.perf_counter() - start
-    record["weight_change"] = weight_change(weights, seed, args.imagenet) if weights else 0.0
     probe_cfg = load_config("tiny", base)
+    record["weight_change"] = weight_change(weights, probe_cfg) if weights else 0.0
     record["probe"] = run_probe(probe_cfg, weights, seed=seed, progress=False)
     record["threads"] = torch.get_num_threads()
     if args.probe_only:
@@ -246,8 +249,9 @@ def main() -> None:
         make_data(data, args, seed)
         for row in rows:
             run_dir = out / f"{row}-seed{seed}"
-            if (run_dir / "record.json").exists():
-                continue
+            if (run_dir / "record.json").exists() and (
+                    args.probe_only or json.loads((run_dir / "record.json").read_text())["detection"]):
+                continue  # finished (a probe-only record does not count for a run that wants AP)
             extra = 0
             if row == "random":
                 full = run_dir.with_name(f"full-seed{seed}") / "record.json"
@@ -257,6 +261,7 @@ def main() -> None:
                 full = json.loads(full.read_text())
                 extra = math.ceil(full["pretrain_s"] / (full["finetune_s"] / full["finetune_iters"]))
             print(f"== {row}, seed {seed}", flush=True)
+            shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted or probe-only run left
             write_json(run_dir / "record.json", run_row(row, seed, data, run_dir, args, extra))
     records = load_records(out)
     write_json(out / "results.json", records)
