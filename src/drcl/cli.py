@@ -1,7 +1,9 @@
 """The ``drcl`` command line.
 
-Every command turns a :class:`~drcl.errors.DataError` into one line on stderr and exit code 2;
-wrong arguments exit with 2 as argparse does.
+Every command turns a :class:`~drcl.errors.DataError` or a
+:class:`~drcl.errors.MissingDependency` (an optional package the command needs) into one line on
+stderr and exit code 2; wrong arguments exit with 2 as argparse does. Commands import what they
+use when they run, so ``drcl --help`` needs nothing beyond the standard library.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from drcl.errors import DataError
+from drcl.errors import DataError, MissingDependency
 
 
 def _add_on_bad(p: argparse.ArgumentParser) -> None:
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except DataError as e:
+    except (DataError, MissingDependency) as e:
         print(f"drcl {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except _UsageError as e:
@@ -145,8 +147,10 @@ def cmd_make_data(args) -> int:
 
 def cmd_stats(args) -> int:
     from drcl.data.annotations import load_annotations
-    from drcl.data.stats import category_stats, format_table, plot_frequency
+    from drcl.data.stats import category_stats, format_table, plot_frequency, pyplot
 
+    if args.plot:
+        pyplot("--plot")  # before reading (and decoding) everything
     ann = load_annotations(
         args.annotations,
         images_dir=args.images,
@@ -273,6 +277,8 @@ def cmd_evaluate(args) -> int:
             plot_ap_vs_frequency(result, f"{stem}_ap_vs_frequency.png")
         except ValueError:
             pass
+        except MissingDependency as e:
+            print(f"skipped: {e}")
         print(f"wrote {args.json_out}, {stem}_per_category.csv")
     return 0
 

@@ -25,9 +25,10 @@ import torch
 
 from drcl.config import load_config
 from drcl.data.annotations import GROUP_NAMES, GROUPS, load_annotations
-from drcl.data.stats import GROUP_COLORS, category_stats, plot_frequency
+from drcl.data.stats import GROUP_COLORS, category_stats, plot_frequency, pyplot
 from drcl.data.synthetic import make_dataset
 from drcl.engine.checkpoint import load_checkpoint
+from drcl.evaluation.lvis_eval import check_evaluator
 from drcl.finetune import finetune
 from drcl.pretrain import pretrain
 from drcl.sampling import expected_sampling_share, repeat_factors_for
@@ -52,6 +53,8 @@ def _overrides(data: Path, sizes: dict, iters: int, extra=()) -> list[str]:
 def run_demo(out: str | Path, sizes: dict = DEMO) -> Path:
     out = Path(out)
     data = out / "data"
+    check_evaluator()  # the report needs both: stop now rather than after 15 minutes
+    pyplot("the demo report")
     print(f"[1/5] generating a long-tailed dataset in {data}")
     make_dataset(data, seed=0, **sizes["data"])
 
@@ -84,15 +87,6 @@ def run_demo(out: str | Path, sizes: dict = DEMO) -> Path:
 # ----------------------------------------------------------------------------- report
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_sampling_share(train_json: Path, cfg: dict, path: Path) -> None:
     """Expected share of sampled instances per frequency group as alpha moves over the
     pre-training rounds (the sampler's schedule), against the raw instance share."""
@@ -111,7 +105,7 @@ def plot_sampling_share(train_json: Path, cfg: dict, path: Path) -> None:
         for g in GROUPS:
             shares[g].append(share[freq == g].sum())
     raw = ann.instance_count / max(ann.instance_count.sum(), 1)
-    plt = _plt()
+    plt = pyplot("the demo report")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for g in GROUPS:
         ax.plot(progress, shares[g], color=GROUP_COLORS[g], label=f"{GROUP_NAMES[g]} (dynamic)")
@@ -126,7 +120,7 @@ def plot_sampling_share(train_json: Path, cfg: dict, path: Path) -> None:
 
 
 def plot_losses(out: Path, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot("the demo report")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     rows = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     for term in ("hcl", "lcl", "ar", "sr"):
@@ -148,7 +142,7 @@ def plot_losses(out: Path, path: Path) -> None:
 
 
 def plot_ap_groups(drcl: dict, base: dict, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot("the demo report")
     x = np.arange(len(METRICS))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.bar(x - 0.2, [max(base[m], 0) for m in METRICS], 0.4, label="random init (same compute)", color="tab:gray")
@@ -183,7 +177,7 @@ def plot_reconstructions(out: Path, data: Path, path: Path, n: int = 4) -> None:
     recon = model.decoder(feats["fpn"]["0"], (size, size)) * model.std + model.mean
     shown = {"input": images, "masked": images * (1 - mask), "reconstruction": recon.clamp(0, 1),
              "masked patches filled": (images * (1 - mask) + recon.clamp(0, 1) * mask)}
-    plt = _plt()
+    plt = pyplot("the demo report")
     fig, axes = plt.subplots(n, len(shown), figsize=(2.2 * len(shown), 2.2 * n), dpi=100, squeeze=False)
     for col, (title, batch) in enumerate(shown.items()):
         for row in range(n):

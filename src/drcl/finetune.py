@@ -25,14 +25,15 @@ from torchvision.transforms import v2
 
 from drcl.config import require
 from drcl.data.annotations import Annotations, load_annotations
-from drcl.data.dataset import DetectionDataset, collate
+from drcl.data.dataset import DetectionDataset, collate, mask_api
 from drcl.atomic import write_json
 from drcl.engine.checkpoint import encoder_weights, load_checkpoint
 from drcl.engine.distributed import cleanup
 from drcl.engine.trainer import Task, make_loader, prepare_run, train
-from drcl.errors import DataError
+from drcl.errors import DataError, MissingDependency
 from drcl.evaluation.inference import predict
-from drcl.evaluation.lvis_eval import evaluate_detections, format_results, plot_ap_vs_frequency, write_per_category_csv
+from drcl.evaluation.lvis_eval import (check_evaluator, evaluate_detections, format_results, plot_ap_vs_frequency,
+                                       write_per_category_csv)
 from drcl.export import load_into_detector
 from drcl.model.detector import build_detector
 
@@ -78,6 +79,7 @@ def evaluate_model(detector, cfg: dict, device, out: Path, train_ann: Annotation
                    category_ids: list, progress: bool = True, val: Annotations | None = None) -> dict:
     """Detections on the val set (``val``, else read from ``data.val_json`` /
     ``data.val_images``), scored under LVIS rules; everything written under ``out``."""
+    check_evaluator()
     val = val if val is not None else load_val(cfg)
     if [c["id"] for c in val.categories] != category_ids:
         raise DataError(f"{val.path}: its categories differ from the ones the model was trained on")
@@ -95,6 +97,8 @@ def evaluate_model(detector, cfg: dict, device, out: Path, train_ann: Annotation
             plot_ap_vs_frequency(result, out / f"ap_vs_frequency_{iou_type}.png", counts)
         except ValueError:
             pass  # no category with a defined AP to plot
+        except MissingDependency as e:
+            print(f"skipped: {e}")
         print(format_results(result))
         results[iou_type] = result
     write_json(out / "metrics.json", {k: {m: v for m, v in r.items() if m != "per_category"} for k, r in results.items()})
@@ -107,7 +111,11 @@ def finetune(cfg: dict, out_dir: str | os.PathLike, init: str | None = None, res
     ckpt_path = Path(out_dir) / "checkpoints" / "last.pt"
     info, device, ann = prepare_run(cfg, out_dir, resume)
     try:
+        if evaluate and d["val_json"] and not info.distributed:
+            check_evaluator()  # now, not after training
         detector, masks = build_model(cfg, ann, None if resume else init, verbose=info.is_main)
+        if masks:
+            mask_api()  # now, not in a data loader worker
         detector.to(device)
         augment = v2.Compose([v2.RandomHorizontalFlip(0.5), v2.ToDtype(torch.float32, scale=True)])
         dataset = DetectionDataset(ann, transforms=augment, masks=masks)

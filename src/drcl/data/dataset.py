@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from drcl.data.annotations import Annotations
-from drcl.errors import DataError
+from drcl.errors import DataError, import_optional
 
 
 class DetectionDataset(Dataset):
@@ -84,17 +84,22 @@ class DetectionDataset(Dataset):
         return image, target
 
 
+def mask_api():
+    """faster-coco-eval's mask module (polygons and RLE to masks and back), or a
+    :class:`~drcl.errors.MissingDependency` when it is not installed."""
+    return import_optional("faster_coco_eval.core.mask", "Mask R-CNN (model.masks=true)")
+
+
 def segmentation_mask(annotation: dict, height: int, width: int) -> np.ndarray:
     """Binary (H, W) uint8 mask of a COCO/LVIS ``segmentation`` (polygons or RLE), rasterised
     with the same code the COCO evaluators use; the box when there is no segmentation."""
-    from faster_coco_eval.core import mask as mask_util
-
     seg = annotation.get("segmentation")
     if not seg:
         m = np.zeros((height, width), dtype=np.uint8)
         x, y, w, h = annotation["bbox"]
         m[int(y) : int(np.ceil(y + h)), int(x) : int(np.ceil(x + w))] = 1
         return m
+    mask_util = mask_api()
     if isinstance(seg, list):
         rle = mask_util.merge(mask_util.frPyObjects(seg, height, width))
     elif isinstance(seg.get("counts"), list):

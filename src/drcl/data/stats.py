@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from drcl.data.annotations import GROUP_NAMES, GROUPS, Annotations
+from drcl.errors import import_optional
 
 
 def category_stats(ann: Annotations) -> dict:
@@ -77,16 +78,22 @@ def format_table(stats: dict) -> str:
 GROUP_COLORS = {"r": "tab:red", "c": "tab:orange", "f": "tab:blue"}
 
 
+def pyplot(feature: str):
+    """``matplotlib.pyplot`` drawing to files (the Agg backend), or a
+    :class:`~drcl.errors.MissingDependency` naming ``feature`` when matplotlib is missing."""
+    import_optional("matplotlib", feature).use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_frequency(stats: dict, out_png: str, shares: dict | None = None) -> None:
     """Sorted class-frequency curve, image-level and instance-level, coloured by group.
 
     ``shares`` (label -> per-category expected instance share, in the order of
     ``stats["categories"]``) adds a second panel comparing sampling settings.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the class-frequency plot")
     from matplotlib.patches import Patch
 
     order = sorted(range(len(stats["categories"])),

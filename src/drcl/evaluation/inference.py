@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from drcl.data.dataset import DetectionDataset, collate
+from drcl.data.dataset import DetectionDataset, collate, mask_api
 
 
 def _image_only(image, target):
@@ -25,8 +25,6 @@ def predict(detector, dataset: DetectionDataset, category_ids: list, batch_size:
             device: torch.device | str = "cpu", progress: bool = True) -> list[dict]:
     """Detections for every image of ``dataset`` (its own transforms are replaced by a plain
     conversion to float; the detector resizes and normalises)."""
-    from faster_coco_eval.core import mask as mask_util
-
     dataset = DetectionDataset(dataset.ann, dataset.images_dir, transforms=_image_only, masks=False)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     was_training = detector.training
@@ -41,6 +39,7 @@ def predict(detector, dataset: DetectionDataset, category_ids: list, batch_size:
                 scores, labels = out["scores"].cpu().tolist(), out["labels"].cpu().tolist()
                 rles = None
                 if "masks" in out:
+                    mask_util = mask_api()
                     binary = (out["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
                     rles = [mask_util.encode(np.asfortranarray(m)) for m in binary]
                 for k, (box, score, label) in enumerate(zip(xywh, scores, labels)):

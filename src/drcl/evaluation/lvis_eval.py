@@ -79,7 +79,8 @@ from collections import Counter
 import numpy as np
 
 from drcl.data.annotations import GROUPS, Annotations, load_annotations, read_json
-from drcl.errors import DataError
+from drcl.data.stats import pyplot
+from drcl.errors import DataError, import_optional
 
 
 #: The nine summary metrics, in print order.
@@ -376,6 +377,12 @@ def _fields_checked(detections: list, sizes: dict, category_ids: set, shape_key:
 # --------------------------------------------------------------------------- evaluation
 
 
+def check_evaluator() -> None:
+    """Raise :class:`~drcl.errors.MissingDependency` when faster-coco-eval, which computes every
+    score here, is not installed; callers check before slow work (inference, training)."""
+    import_optional("faster_coco_eval", "LVIS evaluation")
+
+
 def evaluate_detections(
     gt: str | os.PathLike | Annotations,
     detections: str | os.PathLike | list,
@@ -407,7 +414,9 @@ def evaluate_detections(
 
     Raises:
         DataError: bad ground truth or detections, one line naming the file and the record.
+        MissingDependency: faster-coco-eval is not installed.
     """
+    check_evaluator()
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be 'bbox' or 'segm', not {iou_type!r}")
     if not _is_int(max_dets) or max_dets < 1:
@@ -514,11 +523,6 @@ def plot_ap_vs_frequency(
     Categories with an undefined AP (-1) or without a positive count are left out; with nothing
     left to plot a ``ValueError`` says why.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     points = {g: ([], []) for g in GROUPS}
     for cat in result["per_category"]:
         count = train_counts.get(cat["id"]) if train_counts is not None else cat.get("image_count")
@@ -533,6 +537,7 @@ def plot_ap_vs_frequency(
             "(pass train_counts={category id: image count} if the ground truth has no image_count)"
         )
     names = {"r": "rare", "c": "common", "f": "frequent"}
+    plt = pyplot("the AP-vs-frequency plot")
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for g in GROUPS:
         xs, ys = points[g]
