@@ -52,7 +52,7 @@ def test_shapes_dtypes_and_pairing_of_ids():
         for img, t in views:
             assert type(img) is torch.Tensor and img.shape == (3, 64, 64) and img.dtype == torch.float32
             assert 0.0 <= img.min() and img.max() <= 1.0
-            assert set(t) == {"boxes", "labels", "ann_ids"}
+            assert set(t) == {"boxes", "labels", "ann_ids", "image_id"} and t["image_id"] == 7  # for the queues' ids
             assert type(t["boxes"]) is torch.Tensor and t["boxes"].dtype == torch.float32
             assert t["labels"].dtype == torch.int64 and t["ann_ids"].dtype == torch.int64
             k = len(t["ann_ids"])
@@ -144,7 +144,7 @@ def test_deterministic_under_seed():
 
     def same(u, v):
         pairs = [(x, y) for (xi, xt), (yi, yt) in zip(u, v) for x, y in [(xi, yi)] + [(xt[k], yt[k]) for k in xt]]
-        return all(torch.equal(x, y) for x, y in pairs)
+        return all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in pairs)
 
     assert same(run(0), run(0))
     assert not same(run(0), run(1))

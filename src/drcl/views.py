@@ -41,10 +41,12 @@ class TwoViewTransform:
     """``(image, target) -> ((image1, target1), (image2, target2))``.
 
     ``image``: uint8 (3, H, W) tensor (``tv_tensors.Image`` or plain); ``target``: a dict with
-    ``boxes`` (XYXY, pixels), ``labels`` and ``ann_ids`` as :class:`DetectionDataset` yields
-    (missing ``ann_ids`` default to ``0..N-1``; masks and other keys are dropped). Each view
+    ``boxes`` (XYXY, pixels), ``labels``, ``ann_ids`` and ``image_id`` as
+    :class:`DetectionDataset` yields (missing ``ann_ids`` default to ``0..N-1``; masks and other
+    keys are dropped). Each view
     is a float32 (3, size, size) plain tensor in [0, 1]; each target has ``boxes`` (float32
-    (K, 4) XYXY in the view's pixels), ``labels`` (int64 (K,)) and ``ann_ids`` (int64 (K,)).
+    (K, 4) XYXY in the view's pixels), ``labels`` (int64 (K,)), ``ann_ids`` (int64 (K,)) and,
+    when the input target has one, ``image_id``.
     """
 
     def __init__(
@@ -102,8 +104,9 @@ class TwoViewTransform:
         keep = torch.ones(len(labels), dtype=torch.bool)
         for _, b in views:
             keep &= ((b[:, 2:] - b[:, :2]) >= self.min_box_size).all(dim=1)
+        extra = {"image_id": target["image_id"]} if "image_id" in target else {}
         return tuple(
-            (img, {"boxes": b[keep], "labels": labels[keep], "ann_ids": ann_ids[keep]}) for img, b in views
+            (img, {"boxes": b[keep], "labels": labels[keep], "ann_ids": ann_ids[keep], **extra}) for img, b in views
         )
 
 

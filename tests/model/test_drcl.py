@@ -1,3 +1,6 @@
+import math
+import dataclasses
+
 import pytest
 import torch
 
@@ -66,19 +69,49 @@ def test_each_switch_removes_exactly_its_term(term):
     torch.testing.assert_close(part["loss"], sum(part[t] for t in others))
 
 
-def test_hcl_only_is_plain_moco_without_masking():
-    model = _model(lcl=False, ar=False, sr=False)
-    assert not model.needs_mask and not model.needs_boxes
-    assert not hasattr(model, "decoder") and not hasattr(model.online, "lcl_projector")
+def test_hcl_only_is_moco_on_unmasked_views_with_a_queue():
+    """With the other terms off, the loss is MoCo's, computed here by hand from the parts:
+    queries from the online encoder's C5 through the projector, keys from the momentum
+    encoder, negatives from the other image and the queue; then the keys are enqueued."""
+    model = _model(lcl=False, ar=False, sr=False, predictor=False, hcl_queue=16)
+    images1, images2, t1, t2 = _batch()
+    for i, t in enumerate(t1 + t2):
+        t["image_id"] = i % 2
+    queue = torch.nn.functional.normalize(torch.randn(5, 256), dim=1)
+    model.hcl_queue.enqueue(queue, None, torch.tensor([0, 7, 7, 1, 9]))  # slots 0 and 3: the batch's own images
+    out = model(images1, images2, t1, t2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = (torch.cat([images1, images2]) - model.mean) / model.std  # no patch masking in HCL-only runs
+        q = model.online.hcl_projector(model.online.encoder(x, None, fpn=False)["c5"])
+        k = model.momentum.hcl_projector(model.momentum.encoder(x, None, fpn=False)["c5"])
+    q, k = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(k, dim=1)
+
+    def nce(qs, ks):
+        losses = []
+        for i in range(2):
+            keys = [ks[i], ks[1 - i]] + [queue[j] for j in range(5) if j != (0 if i == 0 else 3)]
+            logits = torch.stack([qs[i] @ key for key in keys]) / 0.2
+            losses.append(-torch.log_softmax(logits, 0)[0])
+        return sum(losses) / 2
+
+    expected = (nce(q[:2], k[2:]) + nce(q[2:], k[:2])) / 2
+    torch.testing.assert_close(out["hcl"], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["loss"], model.cfg.w_hcl * expected, rtol=1e-4, atol=1e-5)
+    newest, _, ids = model.hcl_queue.valid()
+    torch.testing.assert_close(torch.nn.functional.normalize(newest[5:9], dim=1), k)
+    assert ids[5:9].tolist() == [0, 1, 0, 1]
 
 
-def test_weights_scale_their_terms():
-    batch = _model()
-    out = batch(*_batch(), generator=torch.Generator().manual_seed(2))
-    other = _model(w_ar=3.0, w_hcl=0.5)(*_batch(), generator=torch.Generator().manual_seed(2))
-    expected = 0.5 * other["hcl"] + other["lcl"] + 3.0 * other["ar"] + other["sr"]
-    torch.testing.assert_close(other["loss"], expected)
-    torch.testing.assert_close(other["hcl"], out["hcl"])
+def test_each_weight_scales_its_terms_gradient():
+    """w_t multiplies the gradient that term t sends into the parts only it trains."""
+    batch = _batch()
+    grads = []
+    for w_hcl, w_ar in ((1.0, 1.0), (0.5, 3.0)):
+        model = _model(w_hcl=w_hcl, w_ar=w_ar)
+        model(*batch, generator=torch.Generator().manual_seed(2))["loss"].backward()
+        grads.append((model.online.hcl_projector[0].weight.grad, model.decoder.body[0].weight.grad))
+    torch.testing.assert_close(grads[1][0], 0.5 * grads[0][0])
+    torch.testing.assert_close(grads[1][1], 3.0 * grads[0][1])
 
 
 def test_too_few_boxes_skips_box_terms():
@@ -97,11 +130,20 @@ def test_config_validation():
         DRCLConfig(ar_loss="l2")
 
 
-def test_every_loss_falls_when_overfitting_two_images():
+def test_every_loss_falls_when_overfitting_two_images_with_the_shipped_recipe():
+    """The tiny config's model switches and optimiser (SGD, its learning rate, no clipping
+    needed), on a model small enough for a test."""
+    from drcl.config import drcl_config, load_config
+    from drcl.engine.trainer import build_optimizer
+
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
     # 8 px patches: at 64 px, 16 px patches hide whole quarters of the objects
-    model = _model(norm="gn", hcl_queue=4, lcl_queue=12, mask_patch=8)
+    model = DRCL(dataclasses.replace(drcl_config(cfg), hcl_queue=4, lcl_queue=12, mask_patch=8))
     batch = _batch()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for i, t in enumerate(batch[2] + batch[3]):
+        t["image_id"] = i % 2
+    opt = build_optimizer(model, cfg["train"])
     history = []
     for step in range(30):
         out = model(*batch, generator=torch.Generator().manual_seed(step % 2))
@@ -109,13 +151,19 @@ def test_every_loss_falls_when_overfitting_two_images():
         out["loss"].backward()
         opt.step()
         model.momentum_update(0.9)
-        history.append({t: out[t].item() for t in ("hcl", "lcl", "ar", "sr")})
-    for t in ("hcl", "lcl", "ar", "sr"):
-        values = [h[t] for h in history]
-        assert all(torch.isfinite(torch.tensor(values))), t
-        # queues are full after step 2; compare the first full-queue steps to the last ones
-        early, late = sum(values[2:6]) / 4, sum(values[-4:]) / 4
-        assert late < 0.8 * early, (t, early, late)
+        history.append({k: float(v.detach()) if torch.is_tensor(v) else v for k, v in out.items() if k in TRACKED})
+    late = {k: sum(h[k] for h in history[-4:]) / 4 for k in TRACKED}
+    # queues are full after step 2; compare the first full-queue steps to the last ones
+    early = {k: sum(h[k] for h in history[2:6]) / 4 for k in TRACKED}
+    assert all(math.isfinite(h[k]) for h in history for k in TRACKED)
+    # contrast: positives pulled away from negatives, the loss far below chance
+    assert late["hcl_gap"] > 0.5 and late["lcl_gap"] > 0.5, late
+    assert late["hcl"] < 0.2 * late["hcl_chance"], late
+    assert late["lcl"] < 0.85 * early["lcl"], (early, late)  # supervised: several positives, its floor is above 0
+    assert late["ar"] < 0.9 * early["ar"] and late["sr"] < 0.8 * early["sr"], (early, late)
+
+
+TRACKED = ("hcl", "lcl", "ar", "sr", "hcl_gap", "lcl_gap", "hcl_chance")
 
 
 def test_drb_box_choice_prefers_rare_categories_and_keeps_pairs():
@@ -128,7 +176,7 @@ def test_drb_box_choice_prefers_rare_categories_and_keeps_pairs():
     g = torch.Generator().manual_seed(0)
     picked = []
     for _ in range(300):
-        b1, b2, lab = select_boxes(t1, t2, 1, torch.tensor([1.0, 40.0]), g)
+        b1, b2, lab, _ = select_boxes(t1, t2, 1, torch.tensor([1.0, 40.0]), g)
         assert torch.equal(b2[0] - b1[0], torch.full_like(b1[0], 100.0))  # same boxes in both views
         picked.append(int(lab[0]))
     # weights 8 x 1 (head), 40 (tail), 1 (unknown): tail expected 40/49 of the time

@@ -6,7 +6,7 @@ import torch
 
 from drcl.model.ar import ar_loss, patch_mask
 from drcl.model.hcl import hcl_loss
-from drcl.model.infonce import info_nce
+from drcl.model.infonce import info_nce, same_id
 from drcl.model.lcl import lcl_loss
 from drcl.model.sr import sr_loss
 
@@ -15,10 +15,16 @@ def np_normalize(a):
     return a / np.linalg.norm(a, axis=1, keepdims=True)
 
 
-def np_info_nce(q, k, pos, t):
+def np_info_nce(q, k, pos, t, ignore=None):
+    """Written from the formula: each row's softmax runs over the keys it does not ignore."""
     s = np_normalize(q) @ np_normalize(k).T / t
-    log_p = s - np.log(np.exp(s - s.max(1, keepdims=True)).sum(1, keepdims=True)) - s.max(1, keepdims=True)
-    rows = [-(log_p[i][pos[i]]).mean() for i in range(len(q)) if pos[i].any()]
+    rows = []
+    for i in range(len(q)):
+        if not pos[i].any():
+            continue
+        kept = pos[i] | (~ignore[i] if ignore is not None else True)
+        log_z = np.log(np.exp(s[i][kept]).sum())
+        rows.append(-(s[i][pos[i]] - log_z).mean())
     return float(np.mean(rows))
 
 
@@ -31,8 +37,36 @@ def test_info_nce_single_positive_matches_numpy(seed):
     loss, stats = info_nce(torch.tensor(q), torch.tensor(k), torch.tensor(pos), 0.2)
     assert float(loss) == pytest.approx(np_info_nce(q, k, pos, 0.2), rel=1e-6)
     sim = np_normalize(q) @ np_normalize(k).T
-    assert stats["pos_sim"] == pytest.approx(sim[pos].mean(), rel=1e-6)
-    assert stats["neg_sim"] == pytest.approx(sim[~pos].mean(), rel=1e-6)
+    assert float(stats["pos_sim"]) == pytest.approx(sim[pos].mean(), rel=1e-6)
+    assert float(stats["neg_sim"]) == pytest.approx(sim[~pos].mean(), rel=1e-6)
+    assert float(stats["chance"]) == pytest.approx(np.log(20), rel=1e-6)
+
+
+def test_info_nce_ignored_keys_leave_the_softmax_and_the_stats():
+    rng = np.random.default_rng(11)
+    q, k = rng.normal(size=(4, 8)), rng.normal(size=(9, 8))
+    pos = np.zeros((4, 9), bool)
+    pos[np.arange(4), np.arange(4)] = True
+    ignore = rng.random((4, 9)) < 0.4
+    ignore[0, 0] = True  # a positive is never ignored
+    loss, stats = info_nce(torch.tensor(q), torch.tensor(k), torch.tensor(pos), 0.3, torch.tensor(ignore), n_batch=4)
+    assert float(loss) == pytest.approx(np_info_nce(q, k, pos, 0.3, ignore), rel=1e-6)
+    contrasted = pos | ~ignore
+    neg = contrasted & ~pos
+    sim = np_normalize(q) @ np_normalize(k).T
+    assert float(stats["neg_sim"]) == pytest.approx(sim[neg].mean(), rel=1e-6)
+    assert float(stats["batch_neg_sim"]) == pytest.approx(sim[:, :4][neg[:, :4]].mean(), rel=1e-6)
+    assert float(stats["chance"]) == pytest.approx(np.log(contrasted.sum(1)).mean(), rel=1e-6)
+    # the loss of a query that cannot tell its keys apart is the chance level
+    flat, flat_stats = info_nce(torch.ones(4, 8), torch.ones(9, 8), torch.tensor(pos), 0.3, torch.tensor(ignore))
+    assert float(flat) == pytest.approx(float(flat_stats["chance"]), rel=1e-6)
+
+
+def test_same_id_marks_known_equal_ids_only():
+    m = same_id(torch.tensor([3, -1, 5]), torch.tensor([3, 5, -1, 3]))
+    expected = [[True, False, False, True], [False, False, False, False], [False, True, False, False]]
+    assert m.tolist() == expected
+    assert same_id(None, torch.tensor([1])) is None
 
 
 def test_info_nce_multi_positive_and_empty_rows():
@@ -63,6 +97,25 @@ def test_hcl_is_symmetric_infonce_with_batch_and_queue_negatives():
     assert float(loss) == pytest.approx(expected, rel=1e-6)
 
 
+def test_hcl_ignores_other_keys_of_the_querys_own_image():
+    rng = np.random.default_rng(5)
+    q1, q2, k1, k2 = (rng.normal(size=(4, 8)) for _ in range(4))
+    queue = rng.normal(size=(6, 8))
+    ids, queue_ids = np.array([7, 8, 7, 9]), np.array([7, -1, 9, 3, 8, 7])  # image 7 drawn twice
+    key_ids = np.concatenate([ids, queue_ids])
+    pos = np.zeros((4, 10), bool)
+    pos[np.arange(4), np.arange(4)] = True
+    ignore = ids[:, None] == key_ids[None, :]
+    assert ignore[0, 2] and ignore[0, 4] and ignore[0, 9] and not ignore[1, 5]
+    expected = (np_info_nce(q1, np.vstack([k2, queue]), pos, 0.2, ignore)
+                + np_info_nce(q2, np.vstack([k1, queue]), pos, 0.2, ignore)) / 2
+    args = [torch.tensor(a) for a in (q1, q2, k1, k2, queue)]
+    loss, _ = hcl_loss(*args, 0.2, torch.tensor(ids), torch.tensor(queue_ids))
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    plain, _ = hcl_loss(*args, 0.2)
+    assert float(plain) > float(loss)  # the ignored keys were in the denominator before
+
+
 @pytest.mark.parametrize("supervised", [False, True])
 def test_lcl_positives(supervised):
     rng = np.random.default_rng(2)
@@ -77,6 +130,13 @@ def test_lcl_positives(supervised):
     expected = (np_info_nce(q1, np.vstack([k2, queue]), pos, 0.2) + np_info_nce(q2, np.vstack([k1, queue]), pos, 0.2)) / 2
     args = [torch.tensor(a) for a in (q1, q2, k1, k2, labels, queue, queue_labels)]
     loss, _ = lcl_loss(*args, temperature=0.2, supervised=supervised)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    # an older key of the same object in the queue is ignored unless it is a positive
+    ids, queue_ids = np.arange(6) + 100, np.array([100, -1, 103, 7, 104])
+    ignore = ids[:, None] == np.concatenate([ids, queue_ids])[None, :]
+    expected = (np_info_nce(q1, np.vstack([k2, queue]), pos, 0.2, ignore)
+                + np_info_nce(q2, np.vstack([k1, queue]), pos, 0.2, ignore)) / 2
+    loss, _ = lcl_loss(*args, temperature=0.2, supervised=supervised, ids=torch.tensor(ids), queue_ids=torch.tensor(queue_ids))
     assert float(loss) == pytest.approx(expected, rel=1e-6)
 
 
@@ -104,21 +164,31 @@ def test_ar_loss_counts_masked_pixels_only(kind):
         ar_loss(torch.tensor(pred), torch.tensor(target), torch.tensor(mask), "huber")
 
 
-def test_sr_loss_is_cosine_distance_with_stop_gradient():
+def test_sr_loss_is_cosine_distance_to_standardised_targets_with_stop_gradient():
     rng = np.random.default_rng(4)
-    on = {k: torch.tensor(rng.normal(size=(2, 4, 3, 3)), requires_grad=True) for k in ("0", "1")}
-    tg = {k: torch.tensor(rng.normal(size=(2, 4, 3, 3)), requires_grad=True) for k in ("0", "1")}
+    shapes = {"0": (2, 4, 3, 3), "1": (2, 4, 2, 2), "pool": (2, 4, 1, 1)}  # a 1x1 level is left out
+    on = {k: torch.tensor(rng.normal(size=s), requires_grad=True) for k, s in shapes.items()}
+    tg = {k: torch.tensor(rng.normal(size=s) * 3 + 2, requires_grad=True) for k, s in shapes.items()}
     r_on = torch.tensor(rng.normal(size=(5, 6)), requires_grad=True)
-    r_tg = torch.tensor(rng.normal(size=(5, 6)), requires_grad=True)
+    r_tg = torch.tensor(rng.normal(size=(5, 6)) + 4, requires_grad=True)
 
     def np_cos_dist(a, b, axis):
         return 1 - (a * b).sum(axis) / (np.linalg.norm(a, axis=axis) * np.linalg.norm(b, axis=axis))
 
-    fpn = np.mean([np_cos_dist(on[k].detach().numpy(), tg[k].detach().numpy(), 1).mean() for k in on])
-    roi = np_cos_dist(r_on.detach().numpy(), r_tg.detach().numpy(), 1).mean()
+    def np_standardize(x, axes):
+        return (x - x.mean(axes, keepdims=True)) / (x.std(axes, keepdims=True) + 1e-5)
+
+    fpn = np.mean([np_cos_dist(on[k].detach().numpy(), np_standardize(tg[k].detach().numpy(), (2, 3)), 1).mean()
+                   for k in ("0", "1")])
+    roi = np_cos_dist(r_on.detach().numpy(), np_standardize(r_tg.detach().numpy(), 0), 1).mean()
     loss = sr_loss(on, tg, r_on, r_tg)
     assert loss.item() == pytest.approx(fpn + roi, rel=1e-9)
     loss.backward()
     assert on["0"].grad is not None and r_on.grad is not None
     assert tg["0"].grad is None and r_tg.grad is None
-    assert sr_loss(on, {k: v * 2 for k, v in on.items()}).item() == pytest.approx(0.0, abs=1e-9)
+    # constant features cannot match standardised targets: the collapse that raw targets rewarded
+    const = {k: torch.ones(s, dtype=torch.float64) for k, s in shapes.items()}
+    assert sr_loss(const, const).item() > 0.9
+    assert sr_loss(tg, tg, r_tg, r_tg).item() > 0.0
+    standard = {k: torch.tensor(np_standardize(v.detach().numpy(), (2, 3))) for k, v in tg.items()}
+    assert sr_loss(standard, tg).item() == pytest.approx(0.0, abs=1e-9)

@@ -2,22 +2,22 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-from drcl.model.memory import KeyQueue, momentum_at, momentum_update
+from drcl.model.memory import KeyQueue, momentum_at
 
 
 def test_queue_fills_then_wraps_in_fifo_order():
     q = KeyQueue(size=5, dim=2)
     assert q.valid()[0].shape == (0, 2)
-    q.enqueue(torch.tensor([[1.0, 1], [2, 2], [3, 3]]), torch.tensor([1, 2, 3]))
-    keys, labels = q.valid()
-    assert keys[:, 0].tolist() == [1, 2, 3] and labels.tolist() == [1, 2, 3]
+    q.enqueue(torch.tensor([[1.0, 1], [2, 2], [3, 3]]), torch.tensor([1, 2, 3]), torch.tensor([10, 20, 30]))
+    keys, labels, ids = q.valid()
+    assert keys[:, 0].tolist() == [1, 2, 3] and labels.tolist() == [1, 2, 3] and ids.tolist() == [10, 20, 30]
     q.enqueue(torch.tensor([[4.0, 4], [5, 5], [6, 6]]))  # 6 overwrites the oldest slot
-    keys, labels = q.valid()
+    keys, labels, ids = q.valid()
     assert int(q.filled) == 5 and int(q.ptr) == 1
     assert keys[:, 0].tolist() == [6, 2, 3, 4, 5]
     assert labels.tolist() == [-1, 2, 3, -1, -1]
+    assert ids.tolist() == [-1, 20, 30, -1, -1]  # a key's id travels with it
 
 
 def test_queue_batch_larger_than_queue_keeps_the_newest():
@@ -31,16 +31,26 @@ def test_queue_is_saved_with_the_model():
     q.enqueue(torch.ones(3, 2))
     r = KeyQueue(size=4, dim=2)
     r.load_state_dict(q.state_dict())
-    assert int(r.filled) == 3 and int(r.ptr) == 3 and torch.equal(r.keys, q.keys)
+    assert int(r.filled) == 3 and int(r.ptr) == 3 and torch.equal(r.keys, q.keys) and torch.equal(r.ids, q.ids)
 
 
-def test_momentum_update_is_the_ema_formula():
+def test_momentum_update_of_drcl_is_the_ema_of_each_online_parameter_by_name():
+    from drcl.model.drcl import DRCL, DRCLConfig
+
     torch.manual_seed(0)
-    online, mom = nn.Linear(3, 2), nn.Linear(3, 2)
-    before = [p.clone() for p in mom.parameters()]
-    momentum_update(online, mom, 0.9)
-    for b, p_o, p_m in zip(before, online.parameters(), mom.parameters()):
-        torch.testing.assert_close(p_m, 0.9 * b + 0.1 * p_o)
+    model = DRCL(DRCLConfig(hcl_queue=4, lcl_queue=4))
+    with torch.no_grad():  # make online and momentum differ everywhere
+        for p in model.online.parameters():
+            p.add_(torch.randn_like(p))
+    online = dict(model.online.named_parameters())
+    before = {n: p.clone() for n, p in model.momentum.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.momentum.named_buffers()}
+    assert set(before) == set(online)  # projectors are in both; predictors and decoder are not
+    model.momentum_update(0.9)
+    for name, p in model.momentum.named_parameters():
+        torch.testing.assert_close(p, 0.9 * before[name] + 0.1 * online[name], msg=name)
+    for name, b in model.momentum.named_buffers():
+        assert torch.equal(b, buffers[name]), name  # BN statistics are the momentum encoder's own
 
 
 def test_momentum_schedule_is_cosine_from_base_to_one():

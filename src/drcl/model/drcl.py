@@ -52,7 +52,8 @@ class DRCLConfig:
     hcl_queue: int = 4096
     lcl_queue: int = 8192
     boxes_per_image: int = 8
-    supervised: bool = False
+    supervised: bool = True
+    predictor: bool = True
     mask_patch: int = 16
     mask_ratio: float = 0.5
     ar_loss: str = "l1"
@@ -91,12 +92,12 @@ class DRCL(nn.Module):
         online = nn.Module()
         online.encoder = encoder
         if cfg.hcl:
-            online.hcl_projector = mlp(encoder.last_channels, cfg.dim, cfg.dim)
-            self.hcl_predictor = mlp(cfg.dim, cfg.dim, cfg.dim)
+            online.hcl_projector = mlp(encoder.last_channels, cfg.dim, cfg.dim, out_bn=True)
+            self.hcl_predictor = mlp(cfg.dim, cfg.dim, cfg.dim) if cfg.predictor else nn.Identity()
             self.hcl_queue = KeyQueue(cfg.hcl_queue, cfg.dim)
         if cfg.lcl:
-            online.lcl_projector = mlp(encoder.representation_size, cfg.dim, cfg.dim)
-            self.lcl_predictor = mlp(cfg.dim, cfg.dim, cfg.dim)
+            online.lcl_projector = mlp(encoder.representation_size, cfg.dim, cfg.dim, bn=False)
+            self.lcl_predictor = mlp(cfg.dim, cfg.dim, cfg.dim, bn=False) if cfg.predictor else nn.Identity()
             self.lcl_queue = KeyQueue(cfg.lcl_queue, cfg.dim)
         if cfg.ar:
             self.decoder = Decoder(encoder.fpn_channels)
@@ -130,10 +131,15 @@ class DRCL(nn.Module):
 
     def forward(self, images1, images2, targets1, targets2, category_weights=None, generator=None):
         """images* (B, 3, S, S) float in [0, 1]; targets* lists of dicts with paired ``boxes``
-        (K_i, 4) and ``labels`` (K_i,); category_weights (C,) repeat factors for DRB box choice.
+        (K_i, 4) and ``labels`` (K_i,), optionally ``ann_ids`` (K_i,) and ``image_id`` (for the
+        queues to ignore a query's own image or object); category_weights (C,) repeat factors
+        for DRB box choice.
 
-        Returns a dict: ``loss`` (weighted total), one entry per enabled term, and float
-        diagnostics (``*_pos_sim``, ``*_neg_sim``, ``*_queue_fill``, ``boxes``).
+        Returns a dict: ``loss`` (weighted total), one entry per enabled term, and detached
+        diagnostics per contrastive term t: ``t_pos_sim``, ``t_neg_sim``, ``t_gap`` (their
+        difference), ``t_batch_gap`` (positive minus this step's in-batch negatives, no queue),
+        ``t_chance`` (the loss of a query that cannot tell its keys apart) and
+        ``t_queue_fill``; and ``boxes``.
         """
         cfg = self.cfg
         b = images1.shape[0]
@@ -142,13 +148,14 @@ class DRCL(nn.Module):
         # random draws come first and do not depend on the switches, so turning one term off
         # leaves the others' values unchanged
         weights = category_weights if cfg.drb else None
-        boxes1, boxes2, labels = select_boxes(targets1, targets2, cfg.boxes_per_image, weights, generator)
+        boxes1, boxes2, labels, object_ids = select_boxes(targets1, targets2, cfg.boxes_per_image, weights, generator)
+        image_ids = torch.tensor([int(t.get("image_id", -1)) for t in targets1], dtype=torch.long, device=x.device)
         mask = patch_mask(2 * b, *size, cfg.mask_patch, cfg.mask_ratio, generator, x.device)
         boxes = (boxes1 + boxes2) if self.needs_boxes else None
         n_boxes = labels.shape[0]
         if self.needs_boxes and _fewest_over_ranks(n_boxes) < 2:
-            # too few boxes for BatchNorm in the heads: skip the box terms this step, on every
-            # rank alike so that the queues' gathers and SyncBN stay in step
+            # too few boxes to contrast or to standardise SR's box targets: skip the box terms
+            # this step, on every rank alike so that the queues' gathers and SyncBN stay in step
             boxes = None
 
         with torch.no_grad():
@@ -162,20 +169,21 @@ class DRCL(nn.Module):
             q = self.hcl_predictor(self.online.hcl_projector(out["c5"]))
             with torch.no_grad():
                 k = self.momentum.hcl_projector(mom["c5"])
-            queue, _ = self.hcl_queue.valid()
-            losses["hcl"], s = hcl_loss(q[:b], q[b:], k[:b], k[b:], queue, cfg.temperature)
-            new_keys["hcl"] = (k, None)
-            diag.update({f"hcl_{n}": v for n, v in s.items()})
+            queue, _, queue_ids = self.hcl_queue.valid()
+            losses["hcl"], s = hcl_loss(q[:b], q[b:], k[:b], k[b:], queue, cfg.temperature, image_ids, queue_ids)
+            new_keys["hcl"] = (k, None, torch.cat([image_ids, image_ids]))
+            diag.update(_contrast_stats("hcl", s))
         if cfg.lcl:
             if boxes is not None:
                 q = self.lcl_predictor(self.online.lcl_projector(out["roi"]))
                 with torch.no_grad():
                     k = self.momentum.lcl_projector(mom["roi"])
-                qk, ql = self.lcl_queue.valid()
+                qk, ql, qi = self.lcl_queue.valid()
                 n = n_boxes
-                losses["lcl"], s = lcl_loss(q[:n], q[n:], k[:n], k[n:], labels, qk, ql, cfg.temperature, cfg.supervised)
-                new_keys["lcl"] = (k, torch.cat([labels, labels]))
-                diag.update({f"lcl_{name}": v for name, v in s.items()})
+                losses["lcl"], s = lcl_loss(q[:n], q[n:], k[:n], k[n:], labels, qk, ql, cfg.temperature,
+                                            cfg.supervised, object_ids, qi)
+                new_keys["lcl"] = (k, torch.cat([labels, labels]), torch.cat([object_ids, object_ids]))
+                diag.update(_contrast_stats("lcl", s))
             else:
                 losses["lcl"] = zero
         if cfg.ar:
@@ -185,8 +193,15 @@ class DRCL(nn.Module):
             losses["sr"] = sr_loss(out["fpn"], mom["fpn"], out.get("roi"), mom.get("roi"))
 
         losses["loss"] = sum(getattr(cfg, f"w_{t}") * losses[t] for t in TERMS if t in losses)
-        for t, (keys, key_labels) in new_keys.items():
+        for t, (keys, key_labels, key_ids) in new_keys.items():
             queue = getattr(self, f"{t}_queue")
-            queue.enqueue(keys, key_labels)
+            queue.enqueue(keys, key_labels, key_ids)
             diag[f"{t}_queue_fill"] = float(queue.filled) / queue.size
         return {**losses, **diag}
+
+
+def _contrast_stats(term: str, s: dict) -> dict:
+    out = {f"{term}_{name}": v for name, v in s.items()}
+    out[f"{term}_gap"] = s["pos_sim"] - s["neg_sim"]
+    out[f"{term}_batch_gap"] = s["pos_sim"] - s["batch_neg_sim"]
+    return out

@@ -6,22 +6,30 @@ negatives are the other images' keys in the batch and the queue:
 
     L_HCL = ( NCE(q1; [k2, queue]) + NCE(q2; [k1, queue]) ) / 2,   temperature 0.2
 
-with NCE the InfoNCE of :mod:`drcl.model.infonce`.
+with NCE the InfoNCE of :mod:`drcl.model.infonce`. Keys of the query's own image other than
+its positive (an older key in the queue, or the same image drawn twice into one batch by the
+repeat-factor sampler) are ignored rather than counted as negatives.
 """
 
 from __future__ import annotations
 
 import torch
 
-from drcl.model.infonce import info_nce
+from drcl.model.infonce import info_nce, same_id
 
 
-def hcl_loss(q1, q2, k1, k2, queue: torch.Tensor, temperature: float = 0.2):
-    """q1, q2 (B, D) online queries; k1, k2 (B, D) momentum keys; queue (Q, D)."""
+def hcl_loss(q1, q2, k1, k2, queue: torch.Tensor, temperature: float = 0.2, ids: torch.Tensor | None = None,
+             queue_ids: torch.Tensor | None = None):
+    """q1, q2 (B, D) online queries; k1, k2 (B, D) momentum keys; queue (Q, D); ``ids`` (B,)
+    image ids of the batch and ``queue_ids`` (Q,) of the queue's keys (-1: unknown)."""
     b = q1.shape[0]
     pos = torch.zeros(b, b + queue.shape[0], dtype=torch.bool, device=q1.device)
     pos[:, :b] = torch.eye(b, dtype=torch.bool, device=q1.device)
-    loss1, s1 = info_nce(q1, torch.cat([k2, queue]), pos, temperature)
-    loss2, s2 = info_nce(q2, torch.cat([k1, queue]), pos, temperature)
+    ignore = None
+    if ids is not None:
+        key_ids = torch.cat([ids, queue_ids if queue_ids is not None else ids.new_full((queue.shape[0],), -1)])
+        ignore = same_id(ids, key_ids)
+    loss1, s1 = info_nce(q1, torch.cat([k2, queue]), pos, temperature, ignore, n_batch=b)
+    loss2, s2 = info_nce(q2, torch.cat([k1, queue]), pos, temperature, ignore, n_batch=b)
     stats = {k: (s1[k] + s2[k]) / 2 for k in s1}
     return (loss1 + loss2) / 2, stats

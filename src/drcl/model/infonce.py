@@ -1,13 +1,18 @@
 """InfoNCE with any number of positives per query (shared by HCL and LCL).
 
-For L2-normalised query q_i, keys k_1..k_M and positive set P_i (non-empty):
+For L2-normalised query q_i, keys k_1..k_M, positive set P_i (non-empty) and the keys K_i
+that query i is contrasted with (all keys but those it ignores):
 
-    loss_i = -1/|P_i| * sum_{p in P_i} log( exp(q_i . k_p / t) / sum_{m=1..M} exp(q_i . k_m / t) )
+    loss_i = -1/|P_i| * sum_{p in P_i} log( exp(q_i . k_p / t) / sum_{m in K_i} exp(q_i . k_m / t) )
 
 With one positive per query this is InfoNCE as in MoCo (van den Oord et al. 2018; He et al.
 2020); with several it is the supervised contrastive loss "L_out" of Khosla et al. 2020, used
 when LCL counts same-category boxes as extra positives. Rows without a positive are left out
-of the mean.
+of the mean. Ignored keys are neither positive nor negative: older keys of the query's own
+image or object waiting in a queue are not evidence against it.
+
+Chance level: a query that cannot tell its keys apart gives every key of K_i the same
+probability, so loss_i = log |K_i|; the ``chance`` statistic is its mean over the rows.
 """
 
 from __future__ import annotations
@@ -16,25 +21,45 @@ import torch
 import torch.nn.functional as F
 
 
-def info_nce(query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: float = 0.2):
-    """query (N, D), keys (M, D), positives (N, M) bool -> (loss, stats).
+def info_nce(query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: float = 0.2,
+             ignore: torch.Tensor | None = None, n_batch: int | None = None):
+    """query (N, D), keys (M, D), positives (N, M) bool, ignore (N, M) bool or None (a
+    positive is never ignored) -> (loss, stats).
 
-    ``stats``: mean cosine similarity of positive pairs (``pos_sim``) and of the rest
-    (``neg_sim``), detached floats for logging.
+    ``stats`` (detached 0-d tensors, for logging): mean cosine similarity of the positive
+    pairs (``pos_sim``), of the negatives (``neg_sim``), of the negatives among the first
+    ``n_batch`` keys (``batch_neg_sim``: this step's own keys, none from a queue; only when
+    ``n_batch`` is given) and the chance level ``chance`` (mean log |K_i|).
     """
     q = F.normalize(query, dim=1)
     k = F.normalize(keys, dim=1)
     sim = q @ k.t()
-    log_prob = F.log_softmax(sim / temperature, dim=1)
-    pos = positives.to(sim.dtype)
+    pos = positives
+    contrasted = torch.ones_like(pos) if ignore is None else pos | ~ignore
+    logits = (sim / temperature).masked_fill(~contrasted, float("-inf"))
+    log_prob = F.log_softmax(logits, dim=1)
     n_pos = pos.sum(1)
     rows = n_pos > 0
-    per_row = -(log_prob * pos).sum(1)[rows] / n_pos[rows]
+    per_row = -torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1)[rows] / n_pos[rows]
     loss = per_row.mean() if rows.any() else sim.sum() * 0.0
     with torch.no_grad():
-        neg = 1.0 - pos
+        neg = contrasted & ~pos
         stats = {
-            "pos_sim": float((sim * pos).sum() / pos.sum().clamp(min=1)),
-            "neg_sim": float((sim * neg).sum() / neg.sum().clamp(min=1)),
+            "pos_sim": _masked_mean(sim, pos),
+            "neg_sim": _masked_mean(sim, neg),
+            "chance": torch.log(contrasted.sum(1)[rows].to(sim.dtype)).mean() if rows.any() else sim.new_zeros(()),
         }
+        if n_batch is not None:
+            stats["batch_neg_sim"] = _masked_mean(sim[:, :n_batch], neg[:, :n_batch])
     return loss, stats
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def same_id(query_ids: torch.Tensor | None, key_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """(N, M) bool: query i and key j carry the same known id (ids < 0 are unknown)."""
+    if query_ids is None or key_ids is None:
+        return None
+    return (query_ids[:, None] == key_ids[None, :]) & (query_ids[:, None] >= 0)

@@ -10,26 +10,33 @@ encoder is the positive; every other box in the batch and the box queue is a neg
     L_LCL = ( NCE(q1; [k2, queue]) + NCE(q2; [k1, queue]) ) / 2
 
 With ``supervised=True`` keys of the same category (label > 0) in the batch and the queue
-count as extra positives (the multi-positive form in :mod:`drcl.model.infonce`).
+count as extra positives (the multi-positive form in :mod:`drcl.model.infonce`). Keys of the
+same object that are not positives (an older key of it in the queue, when not supervised)
+are ignored rather than counted as negatives.
 """
 
 from __future__ import annotations
 
 import torch
 
-from drcl.model.infonce import info_nce
+from drcl.model.infonce import info_nce, same_id
 from drcl.sampling import choose_boxes
+
+#: Object ids for the queue: image id * OBJECT_STRIDE + annotation id (unique per object
+#: for annotation ids below 2**31, as LVIS's and COCO's are).
+OBJECT_STRIDE = 2**31
 
 
 def select_boxes(targets1, targets2, k: int, category_weights: torch.Tensor | None, generator: torch.Generator):
     """Choose up to ``k`` paired boxes per image.
 
-    ``targets*`` are the views' targets (boxes paired by position, labels 1..C);
-    ``category_weights`` (C,) are per-category weights (repeat factors), or None for uniform;
-    boxes with label 0 (proposals, random boxes) weigh 1.
-    Returns (boxes1 list, boxes2 list, labels (sum K,)).
+    ``targets*`` are the views' targets (boxes paired by position, labels 1..C, and
+    optionally ``ann_ids`` and ``image_id``); ``category_weights`` (C,) are per-category
+    weights (repeat factors), or None for uniform; boxes with label 0 (proposals, random
+    boxes) weigh 1. Returns (boxes1 list, boxes2 list, labels (sum K,), object ids (sum K,),
+    -1 where the image id or annotation ids are unknown).
     """
-    boxes1, boxes2, labels = [], [], []
+    boxes1, boxes2, labels, ids = [], [], [], []
     for t1, t2 in zip(targets1, targets2):
         lab = t1["labels"]
         w = torch.ones(len(lab), dtype=torch.float64)
@@ -40,18 +47,30 @@ def select_boxes(targets1, targets2, k: int, category_weights: torch.Tensor | No
         boxes1.append(t1["boxes"][idx])
         boxes2.append(t2["boxes"][idx])
         labels.append(lab[idx])
-    return boxes1, boxes2, torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+        image_id = int(t1.get("image_id", -1))
+        if image_id >= 0 and "ann_ids" in t1:
+            ids.append(image_id * OBJECT_STRIDE + t1["ann_ids"][idx].to(torch.int64))
+        else:
+            ids.append(torch.full((len(idx),), -1, dtype=torch.int64, device=lab.device))
+    empty = torch.zeros(0, dtype=torch.long)
+    return boxes1, boxes2, torch.cat(labels) if labels else empty, torch.cat(ids) if ids else empty
 
 
-def lcl_loss(q1, q2, k1, k2, labels, queue_keys, queue_labels, temperature: float = 0.2, supervised: bool = False):
-    """q*, k* (N, D) for the same N boxes in order; labels (N,); queue (Q, D) with labels (Q,)."""
+def lcl_loss(q1, q2, k1, k2, labels, queue_keys, queue_labels, temperature: float = 0.2, supervised: bool = False,
+             ids: torch.Tensor | None = None, queue_ids: torch.Tensor | None = None):
+    """q*, k* (N, D) for the same N boxes in order; labels (N,); queue (Q, D) with labels (Q,);
+    ``ids`` (N,) and ``queue_ids`` (Q,) object ids (-1: unknown)."""
     n = q1.shape[0]
     pos = torch.zeros(n, n + queue_keys.shape[0], dtype=torch.bool, device=q1.device)
     pos[:, :n] = torch.eye(n, dtype=torch.bool, device=q1.device)
     if supervised:
         key_labels = torch.cat([labels, queue_labels])
         pos |= (labels[:, None] == key_labels[None, :]) & (labels[:, None] > 0)
-    loss1, s1 = info_nce(q1, torch.cat([k2, queue_keys]), pos, temperature)
-    loss2, s2 = info_nce(q2, torch.cat([k1, queue_keys]), pos, temperature)
+    ignore = None
+    if ids is not None:
+        key_ids = torch.cat([ids, queue_ids if queue_ids is not None else ids.new_full((queue_keys.shape[0],), -1)])
+        ignore = same_id(ids, key_ids)
+    loss1, s1 = info_nce(q1, torch.cat([k2, queue_keys]), pos, temperature, ignore, n_batch=n)
+    loss2, s2 = info_nce(q2, torch.cat([k1, queue_keys]), pos, temperature, ignore, n_batch=n)
     stats = {k: (s1[k] + s2[k]) / 2 for k in s1}
     return (loss1 + loss2) / 2, stats

@@ -46,14 +46,16 @@ def gather(t: torch.Tensor) -> torch.Tensor:
 
 
 class KeyQueue(nn.Module):
-    """A FIFO of ``size`` keys (and their labels, -1 for unknown) kept as buffers, so it is
-    saved with the model. Only the filled part is used as negatives, so early training does not
-    contrast against random vectors."""
+    """A FIFO of ``size`` keys, with their labels and ids (image or object ids; -1 for
+    unknown), kept as buffers, so it is saved with the model. Only the filled part is used as
+    negatives, so early training does not contrast against random vectors; the ids let a query
+    ignore older keys of its own image or object."""
 
     def __init__(self, size: int, dim: int):
         super().__init__()
         self.register_buffer("keys", torch.zeros(size, dim))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
@@ -61,20 +63,23 @@ class KeyQueue(nn.Module):
     def size(self) -> int:
         return self.keys.shape[0]
 
-    def valid(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def valid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, labels, ids) of the filled part."""
         n = int(self.filled)
-        return self.keys[:n], self.labels[:n]
+        return self.keys[:n], self.labels[:n], self.ids[:n]
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> None:
         """Write keys (gathered from all ranks) after the newest, wrapping around."""
-        if labels is None:
-            labels = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
-        keys, labels = gather(keys.detach()), gather(labels)
-        keys, labels = keys[-self.size :], labels[-self.size :]
+        unknown = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
+        labels = unknown if labels is None else labels
+        ids = unknown if ids is None else ids
+        keys, labels, ids = gather(keys.detach()), gather(labels), gather(ids)
+        keys, labels, ids = keys[-self.size :], labels[-self.size :], ids[-self.size :]
         n = keys.shape[0]
         idx = (int(self.ptr) + torch.arange(n, device=keys.device)) % self.size
         self.keys[idx] = keys.to(self.keys.dtype)
         self.labels[idx] = labels
+        self.ids[idx] = ids
         self.ptr.fill_((int(self.ptr) + n) % self.size)
         self.filled.fill_(min(int(self.filled) + n, self.size))
