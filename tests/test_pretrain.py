@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -88,8 +89,36 @@ def test_existing_run_needs_resume(tmp_path, tiny_args, monkeypatch, capsys):
     assert main(base + sets) == 0
     assert main(base + sets) == 2
     assert "pass --resume" in capsys.readouterr().err
+
+
+
+def test_encoder_file_is_the_trained_online_encoder(tmp_path, tiny_args, monkeypatch, capsys):
+    from drcl.config import drcl_config, load_config
+    from drcl.model.drcl import DRCL
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    sets = sum((["--set", a] for a in tiny_args + ["train.health_every=2"]), [])
+    assert main(["pretrain", "--config", "configs/tiny.yaml", "--out", str(out)] + sets) == 0
     encoder = torch.load(out / "encoder.pt")
-    assert "backbone.body.conv1.weight" in encoder and "roi_heads.box_head.fc6.weight" in encoder
+    model = _weights(out)
+    torch.manual_seed(load_config("configs/tiny.yaml", tiny_args)["seed"])
+    init = DRCL(drcl_config(load_config("configs/tiny.yaml", tiny_args))).state_dict()
+    assert set(encoder) == {k[len("online.encoder."):] for k in model if k.startswith("online.encoder.")}
+    for name in ("backbone.body.conv1.weight", "backbone.fpn.layer_blocks.0.0.weight", "roi_heads.box_head.fc6.weight"):
+        assert torch.equal(encoder[name], model[f"online.encoder.{name}"]), name  # the online encoder
+        assert not torch.equal(encoder[name], init[f"online.encoder.{name}"]), name  # it moved in 6 steps
+        assert not torch.equal(encoder[name], model[f"momentum.encoder.{name}"]), name  # not the key encoder
+    # training health: per-term signals in the log, the summary printed and saved
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("hcl_chance", "hcl_gap", "hcl_batch_gap", "lcl_gap", "grad_norm", "clipped", "box_cos", "box_erank",
+                "hcl_grad_share", "sr_grad_share"):
+        assert all(key in r and math.isfinite(r[key]) for r in rows[1:]), key
+    # chance: log of 2 batch keys + a full queue of 16, less older keys of the query's own image
+    assert rows[-1]["hcl_chance"] == pytest.approx(math.log(18), abs=0.3)
+    health = json.loads((out / "health.json").read_text())
+    assert health["reference"]["box_cos"] != health["window"]["box_cos"]  # measured again after the start
+    assert "training health" in capsys.readouterr().out
 
 
 def test_torchrun_two_cpu_processes_see_disjoint_samples(tmp_path, tiny_args):
@@ -97,7 +126,8 @@ def test_torchrun_two_cpu_processes_see_disjoint_samples(tmp_path, tiny_args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "drcl", "pretrain", "--config", "configs/tiny.yaml", "--out", str(out)]
     # random sampling: each image at most once per round, so the ranks' batches must not overlap
-    for a in tiny_args + ["train.max_iters=3", "train.log_image_ids=true", "sampler.mode=random"]:
+    # health_every=1: the per-term gradient measurement must not desynchronise the ranks
+    for a in tiny_args + ["train.max_iters=3", "train.log_image_ids=true", "sampler.mode=random", "train.health_every=1"]:
         cmd += ["--set", a]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -37,6 +37,7 @@ DEFAULTS: dict = {
         "boxes": "gt",
         "proposals": None,
         "image_size": 160,
+        "crop_scale": [0.3, 1.0],
         "workers": 2,
     },
     "sampler": {
@@ -54,6 +55,7 @@ DEFAULTS: dict = {
         "batch_size": 4,
         "checkpoint_every": 50,
         "log_every": 10,
+        "health_every": 25,
         "optimizer": "sgd",
         "lr": 0.03,
         "momentum": 0.9,
@@ -230,6 +232,12 @@ def _check_whole(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: key 'data.proposals' must name a proposals file when data.boxes is 'proposals'")
     if cfg["sampler"]["schedule_steps"] < 2:
         raise ConfigError(f"{source}: key 'sampler.schedule_steps' must be at least 2, got {cfg['sampler']['schedule_steps']}")
+    scale = cfg["data"]["crop_scale"]
+    if not (len(scale) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
+            and 0.0 < scale[0] <= scale[1] <= 1.0):
+        raise ConfigError(f"{source}: key 'data.crop_scale' must be [low, high] with 0 < low <= high <= 1, got {scale!r}")
+    if cfg["train"]["health_every"] < 0:
+        raise ConfigError(f"{source}: key 'train.health_every' must be >= 0 (0: off), got {cfg['train']['health_every']}")
     if not 0.0 <= cfg["sampler"]["alpha_start"] <= 1.0 or not 0.0 <= cfg["sampler"]["alpha_end"] <= 1.0:
         raise ConfigError(f"{source}: keys 'sampler.alpha_start' and 'sampler.alpha_end' must lie in [0, 1]")
 

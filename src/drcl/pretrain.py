@@ -4,7 +4,8 @@ Annotations -> dataset with a box source (ground truth, proposals or random boxe
 box-aware views -> repeat-factor sampler (dynamic: alpha from ``sampler.alpha_start`` to
 ``sampler.alpha_end`` over the run) -> :class:`~drcl.model.drcl.DRCL`, whose momentum encoder is
 updated after every step with m from ``train.momentum_base`` to 1. The loop, checkpoints and
-logs are :mod:`drcl.engine.trainer`'s. At the end ``OUT/encoder.pt`` holds the online encoder
+logs are :mod:`drcl.engine.trainer`'s; the training-health signals and warnings
+:mod:`drcl.engine.health`'s (also in ``OUT/health.json`` at the end). At the end ``OUT/encoder.pt`` holds the online encoder
 under torchvision detector keys (backbone, FPN, box head) for fine-tuning.
 """
 
@@ -14,11 +15,13 @@ import os
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from drcl.config import drcl_config
 from drcl.data.boxes import ProposalBoxes, RandomBoxes, load_proposals
 from drcl.data.dataset import DetectionDataset
 from drcl.engine.distributed import cleanup
+from drcl.engine.health import Health, fixed_batch
 from drcl.engine.trainer import NonFiniteLoss, Task, make_loader, prepare_run, train
 from drcl.model.drcl import DRCL, TERMS
 from drcl.model.memory import momentum_at
@@ -56,10 +59,13 @@ def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
             source = ProposalBoxes(load_proposals(d["proposals"], ann))
         elif d["boxes"] == "random":
             source = RandomBoxes()
-        dataset = DetectionDataset(ann, transforms=_Compose(source, TwoViewTransform(size=d["image_size"])),
-                                   masks=False)
+        views = TwoViewTransform(size=d["image_size"], scale=tuple(d["crop_scale"]))
+        dataset = DetectionDataset(ann, transforms=_Compose(source, views), masks=False)
         sampler, loader, round_iters = make_loader(cfg, ann, dataset, collate_views, info)
         model = DRCL(drcl_config(cfg)).to(device)
+        health = Health(model, fixed_batch(DetectionDataset(ann, masks=False), d["image_size"]),
+                        every=t["health_every"], warmup=t["warmup_iters"], max_iters=t["max_iters"],
+                        say=tqdm.write if info.is_main else (lambda text: None))
 
         def after_step(it):
             m = momentum_at(it / t["max_iters"], t["momentum_base"])
@@ -72,7 +78,8 @@ def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
             return {"encoder": str(out / "encoder.pt")}
 
         task = Task("pretrain", model, ann, sampler, loader, round_iters, _forward,
-                    terms=lambda result: [k for k in TERMS if k in result], after_step=after_step, finish=finish)
+                    terms=lambda result: [k for k in TERMS if k in result], after_step=after_step, finish=finish,
+                    health=health)
         return train(task, cfg, out_dir, resume, info, device)
     finally:
         cleanup(info)

@@ -19,6 +19,7 @@ the iteration number, so a resumed run computes what an uninterrupted one does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -154,6 +155,7 @@ class Task:
     finish: Callable[[Path], dict] = lambda out: {}
     ddp_unused: bool = True
     meta: dict | None = None  # saved in every checkpoint (e.g. the category ids of the labels)
+    health: object | None = None  # a drcl.engine.health.Health: training-health signals and warnings
 
 
 def _to(batch, device):
@@ -201,6 +203,10 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
             raise ResumeError(f"{ckpt_path}: cannot resume with this setup: {e}") from None
         set_rng_state(state["rng"])
         it, round_, done = state["iteration"], state["round"], state["batches_done"]
+        if task.health is not None and state.get("health") is not None:
+            task.health.load_state_dict(state["health"])
+    elif task.health is not None:
+        task.health.start()
     logger = _Logger(out, info.is_main, resume_at=it if resume else None)
     if info.is_main:
         (out / "config.yaml").write_text(dump_config(cfg))
@@ -217,13 +223,15 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
                 "model": core.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "sampler": sampler.state_dict(consumed=done * batch), "rng": rng_state(), "config": cfg,
-                "meta": task.meta or {},
+                "meta": task.meta or {}, "health": task.health.state_dict() if task.health is not None else None,
             }, ckpt_path)
 
     gen = torch.Generator()
     bar = tqdm(total=t["max_iters"], initial=it, desc=task.name, unit="it", disable=not info.is_main,
                dynamic_ncols=True)
     tick, images = time.perf_counter(), 0
+    health, clip = task.health, t["grad_clip"]
+    clipped, steps = torch.zeros((), device=device), 0  # clipped steps since the last logged row
     try:
         while it < t["max_iters"]:
             sampler.set_epoch(round_)
@@ -235,15 +243,23 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     result = task.forward(model, data, gen, weights)
                 _check_finite(result, task.terms(result), it, ckpt_path)
+                if health is not None:
+                    with model.no_sync() if info.distributed else contextlib.nullcontext():
+                        health.before_backward(it, result, task.terms(result))
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(result["loss"]).backward()
-                if t["grad_clip"] > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(core.parameters(), t["grad_clip"])
+                scaler.unscale_(optimizer)
+                # the norm is logged whether or not it is clipped; clipping is a guard, not a throttle
+                grad_norm = nn.utils.clip_grad_norm_(core.parameters(), clip if clip > 0 else math.inf)
+                if clip > 0:
+                    clipped += grad_norm > clip
+                steps += 1
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
                 extra = task.after_step(it)
+                if health is not None:
+                    health.after_step(it)
                 it, done = it + 1, done + 1
                 images += batch * info.world_size
                 bar.update(1)
@@ -252,6 +268,11 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
                     row = {"iter": it, "lr": optimizer.param_groups[0]["lr"], "alpha": sampler.alpha,
                            "round": round_, "images_per_s": images / (now - tick), **extra}
                     row.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in result.items()})
+                    row.update(grad_norm=float(grad_norm), clipped=float(clipped) / steps)
+                    clipped.zero_()
+                    steps = 0
+                    if health is not None:
+                        health.observe(row)
                     if t["log_image_ids"]:
                         start = (done - 1) * batch  # this rank's batch in its epoch list
                         ids = [task.ann.images[i]["id"] for i in sampler.indices[start:start + batch]]
@@ -268,6 +289,13 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
         logger.close()
     summary = {"iterations": it, "checkpoint": str(ckpt_path)}
     if info.is_main:
+        if health is not None and health.rows:
+            from drcl.engine.health import format_summary
+
+            report = health.summary()
+            (out / "health.json").write_text(json.dumps(report, indent=2) + "\n")
+            tqdm.write(format_summary(report))
+            summary["health"] = report
         summary.update(task.finish(out))
     barrier(info)
     return summary
@@ -300,8 +328,8 @@ class _Logger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tb"))
-        except ImportError:
-            self.tb = None
+        except ImportError as e:  # tensorboard is optional: the run goes on without it
+            print(f"TensorBoard logging is off: {e} (pip install tensorboard); metrics.jsonl has every row")
 
     def log(self, row: dict) -> None:
         if not self.enabled:
