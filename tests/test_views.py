@@ -190,3 +190,17 @@ def test_solarize_inverts_bright_pixels(view):
     assert (x >= 0.5).any()
     torch.testing.assert_close(s[view][0], torch.where(x >= 0.5, 1.0 - x, x))
     assert torch.equal(s[1 - view][0], p[1 - view][0])
+
+
+def test_blur_kernel_is_capped_without_changing_the_blur():
+    from torchvision.transforms.v2 import functional as TF
+
+    from drcl.views import MAX_BLUR_KERNEL
+
+    kernels = {s: TwoViewTransform(size=s).photometric[0].transforms[2].transforms[0].kernel_size[0] for s in (64, 160, 800)}
+    assert kernels == {64: 7, 160: 17, 800: MAX_BLUR_KERNEL}  # MoCo v2's 10 % of the size, capped
+    # at the largest sigma the capped kernel blurs as the 10 % one (81 px at 800) does
+    image = torch.rand(3, 120, 120, generator=torch.Generator().manual_seed(0))
+    wide = TF.gaussian_blur(image, [81, 81], [2.0, 2.0])
+    capped = TF.gaussian_blur(image, [MAX_BLUR_KERNEL] * 2, [2.0, 2.0])
+    assert (wide - capped)[:, 40:80, 40:80].abs().max() < 1e-3  # away from the reflected borders

@@ -27,9 +27,11 @@ def patch_mask(n: int, height: int, width: int, patch: int = 16, ratio: float = 
     order = torch.rand(n, gh * gw, generator=generator).argsort(dim=1)
     grid = torch.zeros(n, gh * gw)
     grid.scatter_(1, order[:, :hidden], 1.0)
-    grid = grid.view(n, 1, gh, gw)
-    mask = grid.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)[:, :, :height, :width]
-    return mask.to(device)
+    # the draws stay on the CPU generator; only the small patch grid crosses to ``device`` and is
+    # expanded to pixels there (building the full mask on the CPU took ~40 ms per step at 800 px)
+    grid = grid.view(n, 1, gh, 1, gw, 1).to(device)
+    mask = grid.expand(n, 1, gh, patch, gw, patch).reshape(n, 1, gh * patch, gw * patch)
+    return mask[:, :, :height, :width]
 
 
 class Decoder(nn.Module):

@@ -37,13 +37,23 @@ def select_boxes(targets1, targets2, k: int, category_weights: torch.Tensor | No
     -1 where the image id or annotation ids are unknown).
     """
     boxes1, boxes2, labels, ids = [], [], [], []
-    for t1, t2 in zip(targets1, targets2):
+    # the draws are made on the CPU from one copy of the batch's labels and of the weights, and the
+    # chosen indices go back in one copy (on CUDA every copy waits for the GPU: 3 per image before)
+    pairs = list(zip(targets1, targets2))
+    counts = [len(t1["labels"]) for t1, _ in pairs]
+    host_labels = torch.cat([t1["labels"] for t1, _ in pairs]).cpu().split(counts) if pairs else []
+    host_weights = category_weights.to(torch.float64).cpu() if category_weights is not None else None
+    chosen = []
+    for lab_cpu in host_labels:
+        w = torch.ones(len(lab_cpu), dtype=torch.float64)
+        known = lab_cpu > 0  # label 0: proposal or random box, category unknown
+        if host_weights is not None:
+            w[known] = host_weights[lab_cpu[known] - 1]
+        chosen.append(choose_boxes(w, k, generator))
+    if pairs:
+        chosen = torch.cat(chosen).to(pairs[0][0]["labels"].device).split([len(c) for c in chosen])
+    for (t1, t2), idx in zip(pairs, chosen):
         lab = t1["labels"]
-        w = torch.ones(len(lab), dtype=torch.float64)
-        known = lab.cpu() > 0  # label 0: proposal or random box, category unknown
-        if category_weights is not None:
-            w[known] = category_weights.to(torch.float64).cpu()[lab.cpu()[known] - 1]
-        idx = choose_boxes(w, k, generator).to(lab.device)
         boxes1.append(t1["boxes"][idx])
         boxes2.append(t2["boxes"][idx])
         labels.append(lab[idx])
