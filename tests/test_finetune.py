@@ -45,12 +45,22 @@ def test_finetune_from_2drcl_weights_then_evaluate(tmp_path, ft_args, encoder_fi
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["iteration"] == 4 and state["meta"]["init"] == str(encoder_file)
     assert state["meta"]["category_ids"] == list(range(1, 9))
+    # the encoder's weights are where fine-tuning started: the fixture's fc7 is 0.01 everywhere,
+    # random init would be zero-mean; 4 small steps move it by far less than 0.01
+    fc7 = state["model"]["roi_heads.box_head.fc7.weight"]
+    assert abs(float(fc7.mean()) - 0.01) < 1e-3 and float(fc7.std()) < 2e-3
     metrics = json.loads((out / "eval" / "metrics.json").read_text())["bbox"]
-    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"):
-        assert -1.0 <= metrics[key] <= 1.0
     dets = json.loads((out / "eval" / "detections.json").read_text())
     assert dets and {"image_id", "category_id", "score", "bbox"} <= set(dets[0])
     assert (out / "eval" / "per_category_bbox.csv").exists()
+    # the run's metrics are those of its detection file under the standalone evaluator
+    from_file = tmp_path / "from_file.json"
+    val_json = next(a.split("=", 1)[1] for a in ft_args if a.startswith("data.val_json="))
+    assert main(["evaluate", "--gt", val_json, "--detections", str(out / "eval" / "detections.json"),
+                 "--json", str(from_file)]) == 0
+    reference = json.loads(from_file.read_text())
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"):
+        assert metrics[key] == pytest.approx(reference[key], abs=1e-9), key
 
     # the same model scored again through `drcl evaluate --checkpoint`
     js = tmp_path / "again.json"
@@ -86,7 +96,11 @@ def test_evaluate_a_detection_file(lvis_files, tmp_path, capsys):
     out = tmp_path / "m.json"
     assert main(["evaluate", "--gt", str(gt), "--detections", str(path), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["AP50"] == pytest.approx(json.loads(out.read_text())["AP50"]) and 0 < result["AP50"] <= 1
+    # by hand: category 1 found exactly (AP 1); category 2 one of its two boxes at the top score
+    # (precision 1 up to recall 0.5: 51 of the 101 recall points); category 3 none (AP 0)
+    expected = (1.0 + 51 / 101 + 0.0) / 3
+    assert result["AP50"] == pytest.approx(expected, abs=1e-6) and result["AP"] == pytest.approx(expected, abs=1e-6)
+    assert result["APc"] == pytest.approx(1.0) and result["APf"] == pytest.approx(51 / 101) and result["APr"] == 0.0
     assert (tmp_path / "m_per_category.csv").exists()
     path.write_text(json.dumps([{"image_id": 99, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}]))
     assert main(["evaluate", "--gt", str(gt), "--detections", str(path)]) == 2

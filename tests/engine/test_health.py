@@ -43,11 +43,12 @@ def test_at_chance_warns_once_after_warmup_only():
     said = []
     health = Health(_Model(), None, every=0, warmup=2, max_iters=50, say=said.append)
     _rows(health, [0.0] * 9)  # iterations 1-9: inside warm-up (max(2, 50 / 5) = 10)
+    _rows(health, [0.0] * (WINDOW - 1), start=10)  # the window still holds warm-up rows
     assert said == []
-    _rows(health, [0.0] * 3, start=10)
-    assert len(said) == 1 and said[0].startswith("warning: HCL is still at chance after 10 iterations")
+    _rows(health, [0.0], start=10 + WINDOW - 1)  # a whole window after warm-up
+    assert len(said) == 1 and said[0].startswith(f"warning: HCL is still at chance after {9 + WINDOW} iterations")
     assert f"< {AT_CHANCE_GAP}" in said[0]
-    _rows(health, [0.0] * 3, start=13)
+    _rows(health, [0.0] * 3, start=10 + WINDOW)
     assert len(said) == 1  # once per run
 
 

@@ -26,8 +26,8 @@ Every ``train.health_every`` iterations:
 The training loop adds ``grad_norm`` and ``clipped`` (fraction of clipped steps since the last
 logged row). Warnings, one line each and once per run:
 
-* a term is *at chance* when, after warm-up (``max(train.warmup_iters, max_iters / 5)``
-  iterations), its batch gap averaged over the last :data:`WINDOW` logged rows is below
+* a term is *at chance* when its batch gap averaged over the last :data:`WINDOW` logged rows,
+  all logged after warm-up (``max(train.warmup_iters, max_iters / 5)`` iterations), is below
   :data:`AT_CHANCE_GAP`;
 * the box embeddings *collapse* when their mean cosine rises more than
   :data:`COLLAPSE_COS_RISE` above the reference or their effective rank falls below
@@ -173,7 +173,8 @@ class Health:
         """Add the latest measurements to a logged row, keep it in the window, warn once."""
         row.update(self.latest)
         self.rows.append({k: v for k, v in row.items() if isinstance(v, (int, float))})
-        if row["iter"] >= self.warmup and len(self.rows) == WINDOW:
+        # judged on a window of rows logged after warm-up only: early rows are at chance by nature
+        if len(self.rows) == WINDOW and self.rows[0]["iter"] >= self.warmup:
             for t in CONTRASTIVE:
                 gap = self._mean(f"{t}_batch_gap")
                 if gap is not None and gap < AT_CHANCE_GAP:
