@@ -28,6 +28,7 @@ from drcl.data.annotations import GROUP_NAMES, GROUPS, load_annotations
 from drcl.data.stats import GROUP_COLORS, category_stats, plot_frequency, pyplot
 from drcl.data.synthetic import make_dataset
 from drcl.engine.checkpoint import load_checkpoint
+from drcl.engine.health import format_summary
 from drcl.evaluation.lvis_eval import check_evaluator
 from drcl.finetune import finetune
 from drcl.pretrain import pretrain
@@ -120,22 +121,41 @@ def plot_sampling_share(train_json: Path, cfg: dict, path: Path) -> None:
 
 
 def plot_losses(out: Path, path: Path) -> None:
+    """Pre-training health and fine-tuning loss, 2 x 2: the contrastive losses against their
+    chance level (their raw values rise as the queues fill, which alone reads as divergence),
+    the positive-minus-negative gaps, the reconstruction losses and the fine-tuning losses."""
     plt = pyplot("the demo report")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=100)
     rows = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-    for term in ("hcl", "lcl", "ar", "sr"):
+    it = [r["iter"] for r in rows]
+    colors = {"hcl": "tab:blue", "lcl": "tab:green", "ar": "tab:purple", "sr": "tab:brown"}
+    (contrast, gaps), (recon, ft) = axes
+    for term in ("hcl", "lcl"):
+        if term not in rows[0]:
+            continue
+        c = colors[term]
+        contrast.plot(it, [r[term] for r in rows], color=c, label=f"{term.upper()} loss")
+        contrast.plot(it, [r.get(f"{term}_chance", float("nan")) for r in rows], color=c, ls="--",
+                      label=f"{term.upper()} chance (log #keys)")
+        gaps.plot(it, [r.get(f"{term}_gap", float("nan")) for r in rows], color=c, label=f"{term.upper()}, queue included")
+        gaps.plot(it, [r.get(f"{term}_batch_gap", float("nan")) for r in rows], color=c, ls=":",
+                  label=f"{term.upper()}, in-batch negatives")
+    contrast.set_title("Contrastive losses against chance: learning = the loss falls away from its dashed line",
+                       fontsize=8)
+    gaps.axhline(0.0, color="grey", lw=0.8)
+    gaps.set_title("Positive minus negative cosine similarity (0 = at chance)", fontsize=8)
+    for term in ("ar", "sr"):
         if term in rows[0]:
-            axes[0].plot([r["iter"] for r in rows], [r[term] for r in rows], label=term.upper())
-    axes[0].set_title("2DRCL pre-training losses", fontsize=9)
-    axes[0].set_xlabel("iteration")
-    axes[0].legend(fontsize=8)
+            recon.plot(it, [r[term] for r in rows], color=colors[term], label=term.upper())
+    recon.set_title("Reconstruction losses (AR: L1 on masked pixels; SR: cosine distance)", fontsize=8)
     for name, label in (("finetune-2drcl", "from 2DRCL"), ("finetune-random", "from random init")):
-        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-        axes[1].plot([r["iter"] for r in rows], [r["loss"] for r in rows], label=label)
-    axes[1].set_title("Fine-tuning loss (Faster R-CNN)", fontsize=9)
-    axes[1].set_xlabel("iteration")
-    axes[1].set_yscale("log")
-    axes[1].legend(fontsize=8)
+        ft_rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        ft.plot([r["iter"] for r in ft_rows], [r["loss"] for r in ft_rows], label=label)
+    ft.set_title("Fine-tuning loss (Faster R-CNN)", fontsize=8)
+    ft.set_yscale("log")
+    for ax in (contrast, gaps, recon, ft):
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -220,6 +240,13 @@ def write_report(out: Path, data: Path, pre_cfg: dict, drcl: dict, base: dict, i
         row("random init, same compute", base),
         row("2DRCL pre-training", drcl),
         "| difference | " + " | ".join(f"{100 * diff[m]:+.1f}" if diff[m] != -1 else "n/a" for m in METRICS) + " |",
+        "",
+        "Pre-training health (is each contrastive term learning, and do the exported box embeddings",
+        "keep their spread? docs/method.md, \"Training health\"):",
+        "",
+        "```",
+        format_summary(json.loads((out / "pretrain" / "health.json").read_text())),
+        "```",
         "",
         "One seed, a small synthetic set and minutes of CPU: differences of a few points are within the",
         "noise between seeds. `benchmarks/tail_gain.py` runs the comparison with several seeds and the",
