@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from drcl.model.infonce import info_nce, same_id
+from drcl.model.infonce import two_view_nce
 
 
 def hcl_loss(q1, q2, k1, k2, queue: torch.Tensor, temperature: float = 0.2, ids: torch.Tensor | None = None,
@@ -25,11 +25,4 @@ def hcl_loss(q1, q2, k1, k2, queue: torch.Tensor, temperature: float = 0.2, ids:
     b = q1.shape[0]
     pos = torch.zeros(b, b + queue.shape[0], dtype=torch.bool, device=q1.device)
     pos[:, :b] = torch.eye(b, dtype=torch.bool, device=q1.device)
-    ignore = None
-    if ids is not None:
-        key_ids = torch.cat([ids, queue_ids if queue_ids is not None else ids.new_full((queue.shape[0],), -1)])
-        ignore = same_id(ids, key_ids)
-    loss1, s1 = info_nce(q1, torch.cat([k2, queue]), pos, temperature, ignore, n_batch=b)
-    loss2, s2 = info_nce(q2, torch.cat([k1, queue]), pos, temperature, ignore, n_batch=b)
-    stats = {k: (s1[k] + s2[k]) / 2 for k in s1}
-    return (loss1 + loss2) / 2, stats
+    return two_view_nce(q1, q2, k1, k2, queue, pos, temperature, ids, queue_ids)

@@ -63,3 +63,23 @@ def same_id(query_ids: torch.Tensor | None, key_ids: torch.Tensor | None) -> tor
     if query_ids is None or key_ids is None:
         return None
     return (query_ids[:, None] == key_ids[None, :]) & (query_ids[:, None] >= 0)
+
+
+def two_view_nce(q1, q2, k1, k2, queue: torch.Tensor, positives: torch.Tensor, temperature: float,
+                 ids: torch.Tensor | None = None, queue_ids: torch.Tensor | None = None):
+    """The symmetric two-view form HCL and LCL share:
+
+        ( NCE(q1; [k2, queue]) + NCE(q2; [k1, queue]) ) / 2
+
+    q*, k* (N, D) for the same N items in order; queue (Q, D); positives (N, N + Q) over
+    [batch keys, queue]; ``ids`` (N,) and ``queue_ids`` (Q,) say which keys belong to the same
+    image or object as a query (-1: unknown), and those that are not positives are ignored.
+    Returns (loss, stats averaged over the two directions)."""
+    n = q1.shape[0]
+    ignore = None
+    if ids is not None:
+        unknown = ids.new_full((queue.shape[0],), -1)
+        ignore = same_id(ids, torch.cat([ids, queue_ids if queue_ids is not None else unknown]))
+    loss1, s1 = info_nce(q1, torch.cat([k2, queue]), positives, temperature, ignore, n_batch=n)
+    loss2, s2 = info_nce(q2, torch.cat([k1, queue]), positives, temperature, ignore, n_batch=n)
+    return (loss1 + loss2) / 2, {k: (s1[k] + s2[k]) / 2 for k in s1}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from drcl.model.infonce import info_nce, same_id
+from drcl.model.infonce import two_view_nce
 from drcl.sampling import choose_boxes
 
 #: Object ids for the queue: image id * OBJECT_STRIDE + annotation id (unique per object
@@ -76,11 +76,4 @@ def lcl_loss(q1, q2, k1, k2, labels, queue_keys, queue_labels, temperature: floa
     if supervised:
         key_labels = torch.cat([labels, queue_labels])
         pos |= (labels[:, None] == key_labels[None, :]) & (labels[:, None] > 0)
-    ignore = None
-    if ids is not None:
-        key_ids = torch.cat([ids, queue_ids if queue_ids is not None else ids.new_full((queue_keys.shape[0],), -1)])
-        ignore = same_id(ids, key_ids)
-    loss1, s1 = info_nce(q1, torch.cat([k2, queue_keys]), pos, temperature, ignore, n_batch=n)
-    loss2, s2 = info_nce(q2, torch.cat([k1, queue_keys]), pos, temperature, ignore, n_batch=n)
-    stats = {k: (s1[k] + s2[k]) / 2 for k in s1}
-    return (loss1 + loss2) / 2, stats
+    return two_view_nce(q1, q2, k1, k2, queue_keys, pos, temperature, ids, queue_ids)
