@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from drcl.evaluation import METRICS, evaluate_detections
-from timing import best_of  # benchmarks/timing.py
+from common import best_of  # benchmarks/common.py
 
 GROUP_SIZES = {"r": 130, "c": 150, "f": 120}
 

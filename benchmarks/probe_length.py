@@ -28,25 +28,18 @@ from pathlib import Path
 import torch
 
 from drcl.config import load_config
-from drcl.data.synthetic import make_dataset
 from drcl.evaluation.probe import run_probe
 from drcl.pretrain import pretrain
+
+from common import make_data_once  # benchmarks/common.py
 
 HEALTH = ("hcl_gap", "hcl_batch_gap", "lcl_gap", "lcl_batch_gap", "box_cos", "box_erank")
 
 
 def make_data(data: Path) -> None:
     """The demo's data (``drcl demo`` / ``drcl make-data`` defaults: 40 classes, 800 + 160 images
-    at 160 px, imbalance 100, seed 0), made once even with several workers racing for it."""
-    if (data / "annotations" / "val.json").exists():
-        return
-    tmp = data.with_name(f"{data.name}.tmp-{time.time_ns()}")
-    make_dataset(tmp, classes=40, train_images=800, val_images=160, image_size=160, imbalance=100.0, seed=0,
-                 progress=False)
-    try:
-        tmp.rename(data)
-    except OSError:  # another worker finished first; its copy is identical (same seed)
-        shutil.rmtree(tmp)
+    at 160 px, imbalance 100, seed 0)."""
+    make_data_once(data, classes=40, train_images=800, val_images=160, image_size=160, imbalance=100.0, seed=0)
 
 
 def run_one(length: int, seed: int, data: Path, out: Path, threads: int | None) -> dict:

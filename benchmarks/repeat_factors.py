@@ -33,7 +33,7 @@ from drcl.sampling import (
     category_repeat_factors,
     image_repeat_factors,
 )
-from timing import best_of  # benchmarks/timing.py
+from common import best_of  # benchmarks/common.py
 
 LVIS_V1_TRAIN = {
     "images": 100_170,

@@ -65,12 +65,13 @@ from drcl.atomic import write_json
 from drcl.config import load_config
 from drcl.data.annotations import load_annotations
 from drcl.data.dataset import DetectionDataset
-from drcl.data.synthetic import make_dataset
 from drcl.engine.loader import SeededDataset, SeededSampler
 from drcl.evaluation.probe import run_probe
 from drcl.finetune import finetune
 from drcl.model.detector import build_encoder
 from drcl.pretrain import pretrain
+
+from common import make_data_once  # benchmarks/common.py
 from drcl.sampling import RepeatFactorSampler
 from drcl.views import TwoViewTransform, collate_views
 
@@ -211,16 +212,9 @@ def table(records: list[dict]) -> str:
 
 
 def make_data(data: Path, args, seed: int) -> None:
-    """Generate one seed's dataset once, even with several workers racing for it."""
-    if (data / "annotations" / "val.json").exists():
-        return
-    tmp = data.with_name(f"{data.name}.tmp-{os.getpid()}")
-    make_dataset(tmp, classes=args.classes, train_images=args.train_images, val_images=args.train_images // 5,
-                 image_size=160, imbalance=100.0, seed=seed, progress=False)
-    try:
-        tmp.rename(data)
-    except OSError:  # another worker finished first; its copy is identical (same seed)
-        shutil.rmtree(tmp)
+    """One seed's dataset (160 px, imbalance 100, val = train / 5 images)."""
+    make_data_once(data, classes=args.classes, train_images=args.train_images, val_images=args.train_images // 5,
+                   image_size=160, imbalance=100.0, seed=seed)
 
 
 def load_records(out: Path) -> list[dict]:
