@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=160)
     p.add_argument("--imbalance", type=float, default=200.0, help="largest / smallest class instance count")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-objects", type=int, default=6,
+                   help="objects per image are 1..N (default 6); more makes crowded scenes (smaller objects) "
+                        "where instance-level rebalancing has boxes to choose between (LCL takes 8 per image)")
     p.set_defaults(func=cmd_make_data)
 
     p = sub.add_parser("stats", help="validate an annotation file and show its long-tail statistics")
@@ -132,6 +135,7 @@ def cmd_make_data(args) -> int:
             image_size=args.image_size,
             imbalance=args.imbalance,
             seed=args.seed,
+            max_objects=args.max_objects,
         )
     except ValueError as e:
         print(f"drcl make-data: error: {e}", file=sys.stderr)

@@ -330,3 +330,21 @@ def test_class_appearance_does_not_depend_on_seed(category_id):
     colours = pixels[0][inside]
     near = np.minimum(np.abs(colours - fill).sum(1), np.abs(colours - pattern).sum(1))
     assert np.median(near) < 15  # the object is painted in its two class colours
+
+
+def test_crowded_scenes_have_more_objects_than_lcl_takes():
+    plan = syn.plan_dataset(classes=10, train_images=200, val_images=20, max_objects=16, seed=1)
+    per_image = np.array([len(im.objects) for im in plan.train])
+    assert per_image.max() <= 16 and per_image.min() >= 1
+    # instance-level rebalancing needs images with more boxes than the 8 LCL takes
+    assert (per_image > 8).mean() > 0.3
+    scale = np.sqrt(6 / 16)
+    longest = np.array([2 * max(o.half_size) for im in plan.train for o in im.objects])
+    assert longest.max() <= 0.45 * scale * plan.image_size + 1e-6
+    assert longest.min() >= 0.15 * scale * plan.image_size - 1e-6
+
+
+@pytest.mark.parametrize("bad", [5, 33, 8.5])
+def test_max_objects_out_of_range(bad):
+    with pytest.raises(ValueError, match="max_objects"):
+        syn.plan_dataset(max_objects=bad)

@@ -31,6 +31,10 @@ Layout. Each image holds 1-6 objects, longest side 15%-45% of the image, aspect 
 rotated by up to 15 degrees, at most 20% of each side cut by the image border. Placement
 prefers spots that cover at most 35% of an earlier object's box; later objects occlude
 earlier ones. Annotations keep the full (border-clipped) polygon and its tight box.
+Crowded scenes (``max_objects`` above 6, ``drcl make-data --max-objects``): 1-``max_objects``
+objects per image, their sizes scaled by sqrt(6 / max_objects) so the scene keeps its
+coverage; with more objects than the 8 boxes LCL takes per image, instance-level rebalancing
+has boxes to choose between.
 
 Planning and rendering are separate. :func:`plan_dataset` is pure and cheap: it fixes every
 image's objects (class, pose, polygon), so annotations and frequency groups can be computed
@@ -120,6 +124,7 @@ PALETTES = (
 MAX_CLASSES = len(SHAPES) * len(TEXTURES) * len(PALETTES)
 
 MIN_OBJECTS, MAX_OBJECTS = 1, 6
+MAX_CROWD = 32  # largest max_objects (crowded scenes)
 SIZE_RANGE = (0.15, 0.45)  # longest object side / image side
 ASPECT_RANGE = (0.75, 1.0)
 MAX_ROTATION = math.radians(15.0)
@@ -358,11 +363,13 @@ def long_tail_counts(total: int, classes: int, imbalance: float) -> np.ndarray:
     return counts
 
 
-def _objects_per_image(rng: np.random.Generator, n_images: int, min_total: int) -> np.ndarray:
-    """1-6 objects per image, topped up at random until there are ``min_total`` in all."""
-    k = rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1, n_images)
+def _objects_per_image(
+    rng: np.random.Generator, n_images: int, min_total: int, max_objects: int = MAX_OBJECTS
+) -> np.ndarray:
+    """1-``max_objects`` per image, topped up at random until there are ``min_total`` in all."""
+    k = rng.integers(MIN_OBJECTS, max_objects + 1, n_images)
     while k.sum() < min_total:
-        room = np.flatnonzero(k < MAX_OBJECTS)
+        room = np.flatnonzero(k < max_objects)
         k[rng.choice(room)] += 1
     return k
 
@@ -392,12 +399,17 @@ def _box_overlap(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     return (iw * ih / np.maximum(np.minimum(area_b, area_o), 1e-9)).max(axis=1)
 
 
+def _size_scale(max_objects: int) -> float:
+    """Object size factor for crowded scenes: 1 up to MAX_OBJECTS, then sqrt(MAX_OBJECTS / max_objects)."""
+    return min(1.0, math.sqrt(MAX_OBJECTS / max_objects))
+
+
 def _place_object(
-    rng: np.random.Generator, category_id: int, size: int, placed: np.ndarray
+    rng: np.random.Generator, category_id: int, size: int, placed: np.ndarray, scale: float = 1.0
 ) -> ObjectPlan | None:
     """Pose one object: try PLACEMENT_TRIES random poses, keep the first with little overlap."""
     n = PLACEMENT_TRIES
-    longest = size * np.exp(rng.uniform(*np.log(SIZE_RANGE), n))
+    longest = scale * size * np.exp(rng.uniform(*np.log(SIZE_RANGE), n))
     short = longest * rng.uniform(*ASPECT_RANGE, n)
     tall = rng.random(n) < 0.5
     half = np.stack([np.where(tall, short, longest), np.where(tall, longest, short)], 1) / 2
@@ -424,12 +436,14 @@ def _place_object(
     )
 
 
-def _plan_image(seed: int, split: str, index: int, image_id: int, size: int, labels) -> ImagePlan:
+def _plan_image(
+    seed: int, split: str, index: int, image_id: int, size: int, labels, scale: float = 1.0
+) -> ImagePlan:
     rng = _rng(seed, split, _LAYOUT, index)
     objects: list[ObjectPlan] = []
     placed = np.zeros((0, 4))
     for cid in labels:
-        obj = _place_object(rng, int(cid), size, placed)
+        obj = _place_object(rng, int(cid), size, placed, scale)
         if obj is None or min(obj.bbox[2:]) < MIN_BOX_SIDE:
             continue  # cannot happen for image_size >= 64; kept as a guard
         x, y, w, h = obj.bbox
@@ -454,30 +468,34 @@ def _class_counts(
 
 
 def _plan_split(
-    seed: int, split: str, n_images: int, first_id: int, size: int, classes: int, imbalance
+    seed: int, split: str, n_images: int, first_id: int, size: int, classes: int, imbalance,
+    max_objects: int = MAX_OBJECTS,
 ) -> tuple[ImagePlan, ...]:
     rng = _rng(seed, split, _COUNTS)
-    k = _objects_per_image(rng, n_images, classes)
+    k = _objects_per_image(rng, n_images, classes, max_objects)
     labels = _label_sequence(rng, _class_counts(rng, int(k.sum()), classes, imbalance))
     chunks = np.split(labels, np.cumsum(k)[:-1])
+    scale = _size_scale(max_objects)
     return tuple(
-        _plan_image(seed, split, i, first_id + i, size, chunk) for i, chunk in enumerate(chunks)
+        _plan_image(seed, split, i, first_id + i, size, chunk, scale) for i, chunk in enumerate(chunks)
     )
 
 
-def _check_args(classes, train_images, val_images, image_size, imbalance, seed) -> None:
+def _check_args(classes, train_images, val_images, image_size, imbalance, seed, max_objects) -> None:
     def is_int(v):
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
     if not is_int(classes) or not 3 <= classes <= MAX_CLASSES:
         raise ValueError(f"classes must be an integer in 3..{MAX_CLASSES}, got {classes!r}")
+    if not is_int(max_objects) or not MAX_OBJECTS <= max_objects <= MAX_CROWD:
+        raise ValueError(f"max_objects must be an integer in {MAX_OBJECTS}..{MAX_CROWD}, got {max_objects!r}")
     for name, value in (("train_images", train_images), ("val_images", val_images)):
         if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if value * MAX_OBJECTS < classes:
+        if value * max_objects < classes:
             raise ValueError(
                 f"{name}={value} is too few to show all {classes} classes (at most "
-                f"{MAX_OBJECTS} objects per image): need >= {math.ceil(classes / MAX_OBJECTS)}"
+                f"{max_objects} objects per image): need >= {math.ceil(classes / max_objects)}"
             )
     if not is_int(image_size) or image_size < 64:
         raise ValueError(f"image_size must be an integer >= 64, got {image_size!r}")
@@ -495,12 +513,13 @@ def plan_dataset(
     image_size: int = 160,
     imbalance: float = 200.0,
     seed: int = 0,
+    max_objects: int = MAX_OBJECTS,
 ) -> DatasetPlan:
     """Plan every image's objects without drawing anything (pure and fast)."""
-    _check_args(classes, train_images, val_images, image_size, imbalance, seed)
+    _check_args(classes, train_images, val_images, image_size, imbalance, seed, max_objects)
     seed = int(seed)
-    train = _plan_split(seed, "train", train_images, 1, image_size, classes, float(imbalance))
-    val = _plan_split(seed, "val", val_images, train_images + 1, image_size, classes, None)
+    train = _plan_split(seed, "train", train_images, 1, image_size, classes, float(imbalance), max_objects)
+    val = _plan_split(seed, "val", val_images, train_images + 1, image_size, classes, None, max_objects)
     return DatasetPlan(classes, image_size, seed, train, val)
 
 
@@ -716,6 +735,7 @@ def make_dataset(
     image_size: int = 160,
     imbalance: float = 200.0,
     seed: int = 0,
+    max_objects: int = MAX_OBJECTS,
     progress: bool = True,
 ) -> dict:
     """Write a synthetic long-tailed LVIS v1 dataset under ``out_dir`` and summarise it.
@@ -729,7 +749,7 @@ def make_dataset(
 
     plan = plan_dataset(
         classes=classes, train_images=train_images, val_images=val_images,
-        image_size=image_size, imbalance=imbalance, seed=seed,
+        image_size=image_size, imbalance=imbalance, seed=seed, max_objects=max_objects,
     )
     root = Path(out_dir)
     content = lvis_dicts(plan)
