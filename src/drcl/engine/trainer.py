@@ -6,6 +6,12 @@ with warm-up then cosine or step decay, gradient clipping, AMP and channels_last
 DDP through torchrun, a progress bar, ``metrics.jsonl`` and TensorBoard, atomic checkpoints
 and exact resume.
 
+Compute: the first step a process runs is counted with :class:`torch.utils.flop_counter.FlopCounterMode`
+(forward and backward of the training loss; the training-health probes, data loading and
+augmentation are not counted, nor are torchvision's custom ops such as RoIAlign and NMS). The
+summary's ``flops_per_iter`` lets runs of different kinds be compared by counted compute
+instead of wall time, which another job on the machine changes (``drcl demo``).
+
 Rounds: the dynamic rebalancing schedule needs the repeat factors recomputed as training
 progresses, and a small run can be shorter than one pass over the data, so the loop works in
 ``sampler.updates`` rounds of L iterations (L is capped so a round never needs more than one
@@ -31,6 +37,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from drcl.config import dump_config, require
@@ -232,6 +239,7 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
     tick, images = time.perf_counter(), 0
     health, clip = task.health, t["grad_clip"]
     clipped, steps = torch.zeros((), device=device), 0  # clipped steps since the last logged row
+    flops = None  # counted on this process's first step
     try:
         while it < t["max_iters"]:
             sampler.set_epoch(round_)
@@ -240,14 +248,19 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
             while done < task.round_iters and it < t["max_iters"]:
                 data = _to(next(batches), device)
                 gen.manual_seed(cfg["seed"] * 1_000_003 + it * 7919 + info.rank)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                counting = [FlopCounterMode(display=False), FlopCounterMode(display=False)] if flops is None else None
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None), \
+                        counting[0] if counting else contextlib.nullcontext():
                     result = task.forward(model, data, gen, weights)
                 _check_finite(result, task.terms(result), it, ckpt_path)
                 if health is not None:
                     with model.no_sync() if info.distributed else contextlib.nullcontext():
                         health.before_backward(it, result, task.terms(result))
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(result["loss"]).backward()
+                with counting[1] if counting else contextlib.nullcontext():
+                    scaler.scale(result["loss"]).backward()
+                if counting:
+                    flops = sum(c.get_total_flops() for c in counting)
                 scaler.unscale_(optimizer)
                 # the norm is logged whether or not it is clipped; clipping is a guard, not a throttle
                 grad_norm = nn.utils.clip_grad_norm_(core.parameters(), clip if clip > 0 else math.inf)
@@ -287,7 +300,7 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
     finally:
         bar.close()
         logger.close()
-    summary = {"iterations": it, "checkpoint": str(ckpt_path)}
+    summary = {"iterations": it, "checkpoint": str(ckpt_path), "flops_per_iter": flops}
     if info.is_main:
         if health is not None and health.rows:
             from drcl.engine.health import format_summary
