@@ -2,7 +2,7 @@
 
 Rows (DESIGN.md §3-§4 and the paper's ablations):
 
-    random      no pre-training; fine-tuning gets extra iterations worth the pre-training time
+    random      no pre-training; fine-tuning gets extra iterations worth the pre-training's counted FLOPs
     hcl         HCL only (image-level MoCo-style contrast)
     hcl_lcl     HCL + LCL
     full        2DRCL: HCL + LCL + DRB + AR + SR
@@ -27,9 +27,11 @@ use it with its own ``--out`` for sweeps such as the alpha rows.
 For each row and seed: pre-train (same iterations for every pre-trained row), linear probe of
 the frozen encoder's box features (val top-1 per frequency group), fine-tune the tiny Faster
 R-CNN and score bbox AP under LVIS rules. "Matched compute": the random row's fine-tuning gets
-``ceil(pretrain seconds of the full row / fine-tuning seconds per iteration)`` extra iterations
-(the fine-tuning seconds include the val evaluation, which slightly favours the pre-trained
-rows). "weights moved" is how far pre-training took the encoder from its init
+``ceil(pre-training iterations x counted FLOPs of a full pre-training step / counted FLOPs of a
+fine-tuning step)`` extra iterations (each step's forward + backward counted by the trainer,
+:mod:`drcl.engine.trainer`; one-iteration runs measure both), so the match does not depend on
+what else the machine runs and rows may run in parallel processes. Data loading and
+augmentation are not counted: in wall time pre-training costs more than its FLOPs say. "weights moved" is how far pre-training took the encoder from its init
 (:func:`weight_change`).
 Random init stands in for ImageNet init offline; ``--imagenet`` starts every row's backbone
 from torchvision's ImageNet weights when they are in the local torch cache.
@@ -39,8 +41,7 @@ from torchvision's ImageNet weights when they are in the local torch cache.
 Each (row, seed) writes OUT/<row>-seed<seed>/record.json when it finishes; a rerun skips the
 finished ones and starts unfinished ones over (a probe-only record counts as finished only
 for ``--probe-only``). Several processes may share one OUT, each with different rows or seeds,
-e.g. two workers with ``--threads 1`` on 2 cores; keep ``full`` and ``random`` of a seed in one
-worker so both see the same load. Prints a markdown table (mean ± std over seeds) of AP, APr,
+e.g. two workers with ``--threads 1`` on 2 cores. Prints a markdown table (mean ± std over seeds) of AP, APr,
 APc, APf and probe top-1 per group from every record in OUT, and writes them all to
 OUT/results.json. About 9 minutes per row and seed with 1 thread at the default sizes; the full
 table takes hours on a CPU.
@@ -155,12 +156,38 @@ def weight_change(weights: str, cfg: dict) -> float:
     return float((moved / sum(start[k].float().pow(2).sum() for k in keys)).sqrt())
 
 
-def run_row(row: str, seed: int, data: Path, out: Path, args, extra_iters: int) -> dict:
+def _pretrain_base(data: Path, seed: int, args, iters: int) -> list[str]:
     threads = [f"train.threads={args.threads}"] if args.threads else []
-    base = data_overrides(data) + threads + [f"seed={seed}", f"train.max_iters={args.pretrain_iters}",
-                                   f"train.checkpoint_every={args.pretrain_iters}", "train.warmup_iters=10",
-                                   "sampler.updates=10"] + (["model.imagenet=true"] if args.imagenet else [])
+    return data_overrides(data) + threads + [f"seed={seed}", f"train.max_iters={iters}",
+                                             f"train.checkpoint_every={iters}", "train.warmup_iters=10",
+                                             "sampler.updates=10"] + (["model.imagenet=true"] if args.imagenet else [])
+
+
+def _finetune_cfg(data: Path, seed: int, args, iters: int) -> dict:
+    threads = [f"train.threads={args.threads}"] if args.threads else []
+    return load_config("tiny_finetune", data_overrides(data) + threads + [
+        f"seed={seed}", f"train.max_iters={iters}", f"train.checkpoint_every={iters}"]
+        + (["model.imagenet=true"] if args.imagenet else []))
+
+
+def matched_extra_iters(data: Path, seed: int, args, out: Path) -> dict:
+    """Fine-tuning iterations worth the full row's pre-training in counted FLOPs, from a
+    one-iteration run of each kind."""
+    pre = pretrain(load_config("tiny", _pretrain_base(data, seed, args, 1)), out / "flops-pretrain")
+    ft = finetune(_finetune_cfg(data, seed, args, 1), out / "flops-finetune", evaluate=False)
+    shutil.rmtree(out / "flops-pretrain"), shutil.rmtree(out / "flops-finetune")
+    extra = math.ceil(args.pretrain_iters * pre["flops_per_iter"] / ft["flops_per_iter"])
+    return {"pretrain_flops_per_iter": pre["flops_per_iter"], "finetune_flops_per_iter": ft["flops_per_iter"],
+            "extra_iters": extra}
+
+
+def run_row(row: str, seed: int, data: Path, out: Path, args) -> dict:
+    base = _pretrain_base(data, seed, args, args.pretrain_iters)
     record = {"row": row, "seed": seed}
+    extra_iters = 0
+    if row == "random":
+        record["matched"] = matched_extra_iters(data, seed, args, out)
+        extra_iters = record["matched"]["extra_iters"]
     weights, start = None, time.perf_counter()
     if OVERRIDES[row] == "supervised":
         weights = str(supervised_pretrain(load_config("tiny", base), out / "pretrain"))
@@ -175,10 +202,8 @@ def run_row(row: str, seed: int, data: Path, out: Path, args, extra_iters: int) 
     if args.probe_only:
         record["detection"] = None
         return record
-    ft_iters = args.finetune_iters + (extra_iters if row == "random" else 0)
-    ft = load_config("tiny_finetune", data_overrides(data) + threads + [
-        f"seed={seed}", f"train.max_iters={ft_iters}", f"train.checkpoint_every={ft_iters}"]
-        + (["model.imagenet=true"] if args.imagenet else []))
+    ft_iters = args.finetune_iters + extra_iters
+    ft = _finetune_cfg(data, seed, args, ft_iters)
     start = time.perf_counter()
     result = finetune(ft, out / "finetune", init=weights)["eval"]["bbox"]
     record["finetune_s"] = time.perf_counter() - start
@@ -237,7 +262,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    rows = sorted(args.rows, key=lambda r: r != "full")  # the full row first: it sets the matched compute
+    rows = args.rows
     for seed in args.seeds:
         data = out / f"data-seed{seed}"
         make_data(data, args, seed)
@@ -246,17 +271,9 @@ def main() -> None:
             if (run_dir / "record.json").exists() and (
                     args.probe_only or json.loads((run_dir / "record.json").read_text())["detection"]):
                 continue  # finished (a probe-only record does not count for a run that wants AP)
-            extra = 0
-            if row == "random":
-                full = run_dir.with_name(f"full-seed{seed}") / "record.json"
-                if not full.exists():
-                    raise SystemExit(f"tail_gain: the random row of seed {seed} needs {full} first "
-                                     f"(its pre-training time sets the matched compute); add --rows full")
-                full = json.loads(full.read_text())
-                extra = math.ceil(full["pretrain_s"] / (full["finetune_s"] / full["finetune_iters"]))
             print(f"== {row}, seed {seed}", flush=True)
             shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted or probe-only run left
-            write_json(run_dir / "record.json", run_row(row, seed, data, run_dir, args, extra))
+            write_json(run_dir / "record.json", run_row(row, seed, data, run_dir, args))
     records = load_records(out)
     write_json(out / "results.json", records)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, "
