@@ -40,8 +40,12 @@ from torchvision's ImageNet weights when they are in the local torch cache.
 
 Each (row, seed) writes OUT/<row>-seed<seed>/record.json when it finishes; a rerun skips the
 finished ones and starts unfinished ones over (a probe-only record counts as finished only
-for ``--probe-only``). Several processes may share one OUT, each with different rows or seeds,
-e.g. two workers with ``--threads 1`` on 2 cores. Prints a markdown table (mean ± std over seeds) of AP, APr,
+for ``--probe-only``). ``--jobs N`` runs N (row, seed) pairs at a time in their own processes
+(each logs to OUT/<row>-seed<seed>/log.txt), e.g. ``--jobs 2 --threads 1`` on 2 cores or
+``--jobs 12 --threads 1`` on a 16-core GPU machine; several invocations may also share one OUT,
+each with different rows or seeds. ``--max-objects 16`` makes crowded scenes (``drcl make-data
+--max-objects``), where instance-level rebalancing has boxes to choose between; give it its own
+OUT. Prints a markdown table (mean ± std over seeds) of AP, APr,
 APc, APf and probe top-1 per group from every record in OUT, and writes them all to
 OUT/results.json. About 9 minutes per row and seed with 1 thread at the default sizes; the full
 table takes hours on a CPU.
@@ -50,8 +54,10 @@ table takes hours on a CPU.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shutil
@@ -239,7 +245,21 @@ def table(records: list[dict]) -> str:
 def make_data(data: Path, args, seed: int) -> None:
     """One seed's dataset (160 px, imbalance 100, val = train / 5 images)."""
     make_data_once(data, classes=args.classes, train_images=args.train_images, val_images=args.train_images // 5,
-                   image_size=160, imbalance=100.0, seed=seed)
+                   image_size=160, imbalance=100.0, seed=seed, max_objects=args.max_objects)
+
+
+def run_and_record(row: str, seed: int, data: Path, run_dir: Path, args, log: bool = False) -> str:
+    """One (row, seed): start it over, write its record.json; ``log`` sends this process's
+    output to run_dir/log.txt (a pool worker)."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted or probe-only run left
+    run_dir.mkdir(parents=True)
+    if log:
+        fd = os.open(run_dir / "log.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1), os.dup2(fd, 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    write_json(run_dir / "record.json", run_row(row, seed, data, run_dir, args))
+    return f"{row}-seed{seed}"
 
 
 def load_records(out: Path) -> list[dict]:
@@ -258,22 +278,32 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: the configs')")
     ap.add_argument("--probe-only", action="store_true", help="probe each encoder, skip fine-tuning and AP")
     ap.add_argument("--imagenet", action="store_true", help="start backbones from local ImageNet weights")
+    ap.add_argument("--max-objects", type=int, default=6, help="objects per generated image are 1..N (crowded: 16)")
+    ap.add_argument("--jobs", type=int, default=1, help="(row, seed) pairs run at a time, each in its own process")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    rows = args.rows
+    todo = []
     for seed in args.seeds:
         data = out / f"data-seed{seed}"
         make_data(data, args, seed)
-        for row in rows:
+        for row in args.rows:
             run_dir = out / f"{row}-seed{seed}"
             if (run_dir / "record.json").exists() and (
                     args.probe_only or json.loads((run_dir / "record.json").read_text())["detection"]):
                 continue  # finished (a probe-only record does not count for a run that wants AP)
+            todo.append((row, seed, data, run_dir))
+    if args.jobs > 1:
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(run_and_record, *job, args, True) for job in todo]
+            for done in concurrent.futures.as_completed(futures):
+                print(f"finished {done.result()}", flush=True)
+    else:
+        for row, seed, data, run_dir in todo:
             print(f"== {row}, seed {seed}", flush=True)
-            shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted or probe-only run left
-            write_json(run_dir / "record.json", run_row(row, seed, data, run_dir, args))
+            run_and_record(row, seed, data, run_dir, args)
     records = load_records(out)
     write_json(out / "results.json", records)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, "
