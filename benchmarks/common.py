@@ -31,3 +31,29 @@ def make_data_once(data: Path, **make_dataset_kwargs) -> None:
         tmp.rename(data)
     except OSError:
         shutil.rmtree(tmp)
+
+
+def _logged(log: Path | None, fn, args):
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1), os.dup2(fd, 2)
+    return fn(*args)
+
+
+def in_processes(fn, calls: list[tuple], jobs: int, logs: list[Path] | None = None):
+    """Yield ``fn(*args)`` for each ``args`` in ``calls``: in order in this process when ``jobs``
+    is 1, else ``jobs`` at a time in spawned processes (CUDA cannot be forked) as they finish,
+    each with its output sent to its entry of ``logs``."""
+    if jobs <= 1:
+        for args in calls:
+            yield fn(*args)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    logs = logs or [None] * len(calls)
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_logged, log, fn, args) for log, args in zip(logs, calls)]
+        for done in concurrent.futures.as_completed(futures):
+            yield done.result()

@@ -7,7 +7,9 @@ A contrastive recipe is working only when its exported features improve with lon
 cosine learning rate and momentum over L iterations) and ``drcl probe`` on the encoder it
 exports; length 0 is the random init of seed S. Each (L, S) keeps its run in
 OUT/L<L>-seed<S>/ and its record in record.json; a rerun skips the finished ones, so several
-processes may share OUT with different seeds (``--threads 1`` each on 2 cores).
+processes may share OUT with different seeds (``--threads 1`` each on 2 cores), or ``--jobs N``
+runs N of them at a time (each logs to OUT/L<L>-seed<S>.log). ``--set KEY=VALUE`` changes the
+pre-training config of every run (a variant of the recipe; give it its own OUT).
 
     python benchmarks/probe_length.py --out runs/probe_length --seeds 0 1 2 --threads 1
 
@@ -31,7 +33,7 @@ from drcl.config import load_config
 from drcl.evaluation.probe import run_probe
 from drcl.pretrain import pretrain
 
-from common import make_data_once  # benchmarks/common.py
+from common import in_processes, make_data_once  # benchmarks/common.py
 
 HEALTH = ("hcl_gap", "hcl_batch_gap", "lcl_gap", "lcl_batch_gap", "box_cos", "box_erank")
 
@@ -42,7 +44,7 @@ def make_data(data: Path) -> None:
     make_data_once(data, classes=40, train_images=800, val_images=160, image_size=160, imbalance=100.0, seed=0)
 
 
-def run_one(length: int, seed: int, data: Path, out: Path, threads: int | None) -> dict:
+def run_one(length: int, seed: int, data: Path, out: Path, threads: int | None, extra: tuple = ()) -> dict:
     run = out / f"L{length}-seed{seed}"
     record_path = run / "record.json"
     if record_path.exists():
@@ -53,11 +55,13 @@ def run_one(length: int, seed: int, data: Path, out: Path, threads: int | None) 
                  f"seed={seed}"]
     if threads:
         overrides.append(f"train.threads={threads}")
-    record = {"length": length, "seed": seed}
+        torch.set_num_threads(threads)
+    record = {"length": length, "seed": seed, "overrides": list(extra)}
     checkpoint = None
     start = time.time()
     if length > 0:
-        cfg = load_config("tiny", overrides + [f"train.max_iters={length}", f"train.checkpoint_every={length}"])
+        cfg = load_config("tiny", overrides + [f"train.max_iters={length}", f"train.checkpoint_every={length}",
+                                               *extra])
         pretrain(cfg, run / "pretrain")
         checkpoint = run / "pretrain" / "encoder.pt"
         health = json.loads((run / "pretrain" / "health.json").read_text())
@@ -66,8 +70,6 @@ def run_one(length: int, seed: int, data: Path, out: Path, threads: int | None) 
         record["warnings"] = health["warnings"]
     record["pretrain_s"] = time.time() - start
     cfg = load_config("tiny", overrides)
-    if threads:
-        torch.set_num_threads(threads)
     record["probe"] = run_probe(cfg, checkpoint, seed=seed)  # the seed matters only for the random init
     run.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1))
@@ -89,7 +91,7 @@ def table(records: list[dict]) -> str:
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in lengths:
         rows = [r for r in records if r["length"] == n]
-        probe = [{k: 100 * r["probe"][k] for k in ("acc", "acc_r", "acc_c", "acc_f")} for r in rows]
+        probe = [{k: None if r["probe"][k] is None else 100 * r["probe"][k] for k in ("acc", "acc_r", "acc_c", "acc_f")} for r in rows]
         health = [r.get("health") or {} for r in rows]
         # random init (0 iterations) is every pre-training run's health reference
         ref = [r.get("health_reference") or {} for r in records if r.get("health_reference")]
@@ -116,13 +118,16 @@ def plot(records: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for key, name, color in (("acc", "all classes", "black"), ("acc_r", "rare", "tab:red"),
                              ("acc_c", "common", "tab:orange"), ("acc_f", "frequent", "tab:blue")):
-        means, stds = [], []
+        mine = [r for r in records if r["probe"][key] is not None]  # a group with no val boxes has none
+        if not mine:
+            continue
+        xs, means, stds = [], [], []
         for n in lengths:
-            v = [100 * r["probe"][key] for r in records if r["length"] == n]
-            means.append(statistics.mean(v))
-            stds.append(statistics.stdev(v) if len(v) > 1 else 0.0)
-        ax.errorbar(lengths, means, yerr=stds, marker="o", capsize=3, label=name, color=color)
-        for r in records:
+            v = [100 * r["probe"][key] for r in mine if r["length"] == n]
+            if v:
+                xs.append(n), means.append(statistics.mean(v)), stds.append(statistics.stdev(v) if len(v) > 1 else 0.0)
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=name, color=color)
+        for r in mine:
             ax.scatter(r["length"], 100 * r["probe"][key], s=6, color=color, alpha=0.4)
     ax.set_xscale("symlog", linthresh=100)
     ax.set_xticks(lengths, [str(n) for n in lengths])
@@ -144,17 +149,21 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[0, 100, 300, 1000])
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: the config's)")
     ap.add_argument("--report-only", action="store_true", help="tabulate the finished records, run nothing")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="pre-training config override for every run (repeatable)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else out / "data"
     if not args.report_only:
         make_data(data)
-        for seed in args.seeds:
-            for length in args.lengths:
-                r = run_one(length, seed, data, out, args.threads)
-                print(f"L={length} seed={seed}: probe {100 * r['probe']['acc']:.1f} rare {100 * r['probe']['acc_r']:.1f}",
-                      flush=True)
+        todo = [(length, seed) for seed in args.seeds for length in args.lengths]
+        calls = [(length, seed, data, out, args.threads, tuple(args.overrides)) for length, seed in todo]
+        logs = [out / f"L{length}-seed{seed}.log" for length, seed in todo]
+        for r in in_processes(run_one, calls, args.jobs, logs):
+            print(f"L={r['length']} seed={r['seed']}: probe {100 * r['probe']['acc']:.1f} "
+                  f"rare {100 * r['probe']['acc_r']:.1f}", flush=True)
     records = [json.loads(p.read_text()) for p in sorted(out.glob("L*-seed*/record.json"))]
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}")
     print(table(records))

@@ -54,10 +54,8 @@ table takes hours on a CPU.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import math
-import multiprocessing
 import os
 import platform
 import shutil
@@ -78,7 +76,7 @@ from drcl.finetune import finetune
 from drcl.model.detector import build_encoder
 from drcl.pretrain import pretrain
 
-from common import make_data_once  # benchmarks/common.py
+from common import in_processes, make_data_once  # benchmarks/common.py
 from drcl.sampling import RepeatFactorSampler
 from drcl.views import TwoViewTransform, collate_views
 
@@ -248,14 +246,12 @@ def make_data(data: Path, args, seed: int) -> None:
                    image_size=160, imbalance=100.0, seed=seed, max_objects=args.max_objects)
 
 
-def run_and_record(row: str, seed: int, data: Path, run_dir: Path, args, log: bool = False) -> str:
-    """One (row, seed): start it over, write its record.json; ``log`` sends this process's
-    output to run_dir/log.txt (a pool worker)."""
-    shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted or probe-only run left
-    run_dir.mkdir(parents=True)
-    if log:
-        fd = os.open(run_dir / "log.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 1), os.dup2(fd, 2)
+def run_and_record(row: str, seed: int, data: Path, run_dir: Path, args) -> str:
+    """One (row, seed): start it over, write its record.json."""
+    for path in run_dir.iterdir() if run_dir.exists() else []:  # what an interrupted or probe-only run left
+        if path.name != "log.txt":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    print(f"== {row}, seed {seed}", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     write_json(run_dir / "record.json", run_row(row, seed, data, run_dir, args))
@@ -294,16 +290,9 @@ def main() -> None:
                     args.probe_only or json.loads((run_dir / "record.json").read_text())["detection"]):
                 continue  # finished (a probe-only record does not count for a run that wants AP)
             todo.append((row, seed, data, run_dir))
-    if args.jobs > 1:
-        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(run_and_record, *job, args, True) for job in todo]
-            for done in concurrent.futures.as_completed(futures):
-                print(f"finished {done.result()}", flush=True)
-    else:
-        for row, seed, data, run_dir in todo:
-            print(f"== {row}, seed {seed}", flush=True)
-            run_and_record(row, seed, data, run_dir, args)
+    logs = [job[3] / "log.txt" for job in todo]
+    for name in in_processes(run_and_record, [(*job, args) for job in todo], args.jobs, logs):
+        print(f"finished {name}", flush=True)
     records = load_records(out)
     write_json(out / "results.json", records)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, "
