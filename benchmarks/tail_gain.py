@@ -228,15 +228,18 @@ def _cell(values: list[float]) -> str:
 def table(records: list[dict]) -> str:
     rows = [r for r in OVERRIDES if any(x["row"] == r for x in records)]
     probe_keys = ("", "_r", "_c", "_f")
-    lines = ["| row | seeds | " + " | ".join(METRICS) + " | probe all | probe r | probe c | probe f | weights moved |",
-             "|---|---|" + "---|" * (len(METRICS) + 5)]
+    lines = ["| row | seeds | fine-tuning its | " + " | ".join(METRICS)
+             + " | probe all | probe r | probe c | probe f | weights moved |",
+             "|---|---|---|" + "---|" * (len(METRICS) + 5)]
     for row in rows:
         mine = [x for x in records if x["row"] == row]
+        its = sorted({x["finetune_iters"] for x in mine if x.get("finetune_iters")})
+        its = "-" if not its else str(its[0]) if len(its) == 1 else f"{its[0]}-{its[-1]}"
         cells = [_cell([x["detection"][m] for x in mine if x["detection"]]) for m in METRICS]
         cells += [_cell([x["probe"][f"acc{g}"] for x in mine]) for g in probe_keys]
         moved = _cell([x.get("weight_change") for x in mine])
         cells.append(moved if moved == "n/a" else moved + " %")
-        lines.append(f"| {row} | {len(mine)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row} | {len(mine)} | {its} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -276,12 +279,13 @@ def main() -> None:
     ap.add_argument("--imagenet", action="store_true", help="start backbones from local ImageNet weights")
     ap.add_argument("--max-objects", type=int, default=6, help="objects per generated image are 1..N (crowded: 16)")
     ap.add_argument("--jobs", type=int, default=1, help="(row, seed) pairs run at a time, each in its own process")
+    ap.add_argument("--report-only", action="store_true", help="tabulate the finished records, run nothing")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     todo = []
-    for seed in args.seeds:
+    for seed in [] if args.report_only else args.seeds:
         data = out / f"data-seed{seed}"
         make_data(data, args, seed)
         for row in args.rows:

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The CPU-hours tables on one GPU machine with many cores, as one command with a time limit:
+# benchmarks/tail_gain.py (3 seeds, every row, 300 pre-training iterations) and
+# benchmarks/probe_length.py for recipe variants (VARIANTS below), run side by side as
+# parallel processes of 1 thread each, all on the one GPU (the tiny preset uses little of it).
+#
+#   benchmarks/gpu_tables.sh OUT [BUDGET_S]            # e.g. on an H200 with 16 cores
+#   SMOKE=1 benchmarks/gpu_tables.sh OUT 600          # toy sizes on the CPU, to check the command
+#
+# Each script stops at BUDGET_S (default 480) seconds; what finished by then is tabulated into
+# OUT/tail_gain.md + .json and OUT/variants.md + .json (records of unfinished runs are lost).
+# Runs from the source tree (PYTHONPATH=src); wheels carried in .whl/ (faster-coco-eval for AP)
+# are installed into /tmp/site first.
+set -u
+OUT=${1:?usage: benchmarks/gpu_tables.sh OUT [BUDGET_S]}
+BUDGET=${2:-480}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=$(command -v "${PYTHON:-python3}")
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import faster_coco_eval" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+WORK=${WORK:-/tmp/drcl-tables}
+mkdir -p "$WORK"
+TG_JOBS=${TG_JOBS:-9}
+VAR_JOBS=${VAR_JOBS:-2}
+ROWS=${ROWS:-random full random_same_ft no_drb no_ar no_sr hcl hcl_lcl supervised}
+SEEDS=${SEEDS:-0 1 2}
+# recipe variants for the HCL gap: name and --set overrides
+VARIANTS=${VARIANTS:-"base: tau0.1:model.temperature=0.1 queue256:model.hcl_queue=256"}
+if [ -n "${SMOKE:-}" ]; then
+  SIZES="--train-images 40 --classes 8 --pretrain-iters 3 --finetune-iters 3"; LENGTH=3
+else
+  SIZES="--pretrain-iters 300"; LENGTH=300
+fi
+start=$(date +%s)
+"$PY" -c 'import os, torch; print("gpu_tables:", os.cpu_count(), "cores, torch", torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' | tee "$OUT/machine.txt"
+
+# the datasets first, one process per seed (probe_length's variants share tail_gain's seed 0)
+for s in $SEEDS; do
+  (cd benchmarks && "$PY" -c "
+import sys; from pathlib import Path; from common import make_data_once
+n = 40 if '${SMOKE:-}' else 800
+make_data_once(Path('$WORK/tail_gain/data-seed$s'), classes=8 if '${SMOKE:-}' else 40, train_images=n,
+               val_images=n // 5, image_size=160, imbalance=100.0, seed=$s)") &
+done
+wait
+echo "data ready after $(( $(date +%s) - start )) s"
+
+timeout "$BUDGET" "$PY" benchmarks/tail_gain.py --out "$WORK/tail_gain" --seeds $SEEDS --rows $ROWS $SIZES \
+  --threads 1 --jobs "$TG_JOBS" > "$WORK/tail_gain.log" 2>&1 &
+for v in $VARIANTS; do
+  name=${v%%:*}; sets=${v#*:}; args=()
+  for kv in ${sets//,/ }; do args+=(--set "$kv"); done
+  timeout "$BUDGET" "$PY" benchmarks/probe_length.py --out "$WORK/variant-$name" --data "$WORK/tail_gain/data-seed0" \
+    --lengths "$LENGTH" --seeds $SEEDS --threads 1 --jobs "$VAR_JOBS" "${args[@]}" > "$WORK/variant-$name.log" 2>&1 &
+done
+wait
+echo "runs stopped after $(( $(date +%s) - start )) s"
+
+"$PY" benchmarks/tail_gain.py --out "$WORK/tail_gain" --report-only > "$OUT/tail_gain.md" 2>&1
+cp "$WORK/tail_gain/results.json" "$OUT/tail_gain.json" 2>/dev/null
+: > "$OUT/variants.md"
+for v in $VARIANTS; do
+  name=${v%%:*}
+  { echo "## $name (${v#*:})"; "$PY" benchmarks/probe_length.py --out "$WORK/variant-$name" --report-only 2>&1 | grep -v '^wrote'; echo; } >> "$OUT/variants.md"
+done
+"$PY" - "$WORK" "$OUT/variants.json" <<'EOF'
+import json, sys
+from pathlib import Path
+work = Path(sys.argv[1])
+records = {d.name: [json.loads(p.read_text()) for p in sorted(d.glob("L*-seed*/record.json"))]
+           for d in sorted(work.glob("variant-*"))}
+Path(sys.argv[2]).write_text(json.dumps(records, indent=1))
+EOF
+tail -n 30 "$WORK"/tail_gain.log > "$OUT/logs.txt"; for f in "$WORK"/variant-*.log; do tail -n 5 "$f" >> "$OUT/logs.txt"; done
+cat "$OUT/tail_gain.md" "$OUT/variants.md"
+echo "total $(( $(date +%s) - start )) s"
