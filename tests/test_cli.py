@@ -114,3 +114,67 @@ def test_stats_repeat_factor_option_errors(lvis_files, capsys, args, words):
     assert main(["stats", str(lvis_files[0]), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("drcl stats: error: ") and words in err
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"drcl {version('drcl')}"
+
+
+def test_version_in_a_source_tree_is_the_package_attribute(monkeypatch):
+    import importlib.metadata
+
+    import drcl
+    from drcl import cli
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert cli.version() == drcl.__version__
+
+
+def test_pyproject_takes_its_version_from_the_package():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert "version" in pyproject["project"]["dynamic"] and "version" not in pyproject["project"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "drcl.__version__"}
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_output_into_a_closed_pipe_ends_quietly(lvis_files, unbuffered):
+    """``drcl stats ... | head``: the reader is gone before drcl writes. Deterministic: the pipe's
+    read end is closed before the process starts, so the first write (unbuffered) or the exit
+    flush (buffered, as for a user without PYTHONUNBUFFERED) meets EPIPE."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    proc = subprocess.run([sys.executable, "-m", "drcl", "stats", str(lvis_files[0]), "--repeat-factors", "rfs"],
+                          stdout=write_end, stderr=subprocess.PIPE, env=env, text=True, timeout=120)
+    os.close(write_end)
+    assert proc.stderr == ""  # no traceback, no "Exception ignored ... BrokenPipeError"
+    assert proc.returncode == 141  # 128 + SIGPIPE, as `head`'s other writers end
+
+
+def test_reader_that_stops_after_one_line(lvis_files):
+    """The newcomer's case: read a line, close the pipe, let drcl go on writing."""
+    import os
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "drcl", "stats", str(lvis_files[0]), "--repeat-factors", "rfs"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout.readline().startswith(str(lvis_files[0]))
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) in (0, 141)  # 0 when drcl had written everything before the close
+    assert "Traceback" not in err and "BrokenPipeError" not in err

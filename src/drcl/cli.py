@@ -3,12 +3,15 @@
 Every command turns a :class:`~drcl.errors.DataError` or a
 :class:`~drcl.errors.MissingDependency` (an optional package the command needs) into one line on
 stderr and exit code 2; wrong arguments exit with 2 as argparse does. Commands import what they
-use when they run, so ``drcl --help`` needs nothing beyond the standard library.
+use when they run, so ``drcl --help`` and ``drcl --version`` need nothing beyond the standard
+library. Output cut short by its reader (``drcl stats ... | head``) ends quietly with exit code
+141 (128 + SIGPIPE), as for a command the pipe's signal ends, not with a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="drcl",
         description="2DRCL pre-training for long-tailed object detection.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("make-data", help="write a synthetic long-tailed dataset in LVIS v1 format")
@@ -105,10 +109,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    """The installed distribution's version (package metadata), or ``drcl.__version__`` in a
+    source tree run without installing (pyproject.toml reads its version from there)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("drcl")
+    except PackageNotFoundError:
+        from drcl import __version__
+
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return code
+    except BrokenPipeError:
+        # The reader went away (``| head``). Point stdout at /dev/null so that the exit flush
+        # of whatever is still buffered cannot fail again, and end as SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE
     except (DataError, MissingDependency) as e:
         print(f"drcl {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
