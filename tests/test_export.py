@@ -7,6 +7,7 @@ models written out by hand from their model definitions (see docs/export.md).
 
 import os
 import pickle
+import stat
 
 import numpy as np
 import pytest
@@ -264,3 +265,13 @@ def test_save_export_is_atomic(tmp_path, tiny_bn, monkeypatch):
         save_export(tiny_bn[1], "mmdet", path)
     assert path.read_bytes() == b"previous"
     assert os.listdir(tmp_path) == ["w.pth"]
+
+
+def test_exported_weights_are_readable_to_the_group(tmp_path, tiny_bn):
+    old = os.umask(0o022)
+    try:
+        for fmt, name in (("torchvision", "tv.pth"), ("detectron2", "d2.pkl"), ("mmdet", "mm.pth")):
+            path = save_export(tiny_bn[1], fmt, tmp_path / name)
+            assert stat.S_IMODE(path.stat().st_mode) == 0o644, fmt  # not mkstemp's 0600
+    finally:
+        os.umask(old)
