@@ -98,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write pre-trained weights for torchvision, detectron2 or mmdetection")
     p.add_argument("checkpoint", help="a pretrain run's encoder.pt, checkpoints/last.pt or run folder")
-    p.add_argument("--format", required=True, choices=("torchvision", "detectron2", "mmdet"))
-    p.add_argument("--out", required=True, help="output file (detectron2: .pkl)")
+    p.add_argument("--format", required=True, choices=("torchvision", "detectron2", "mmdet"),
+                   help="torchvision and mmdet write a torch.save file (.pth); detectron2 a pickle whose name "
+                        "must end in .pkl (detectron2 loads only .pkl by exact key)")
+    p.add_argument("--out", required=True, help="output file: NAME.pth, or NAME.pkl for detectron2")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="generate data, pre-train, fine-tune 2DRCL vs random init, write a report "
@@ -335,9 +337,10 @@ def cmd_probe(args) -> int:
 
 def cmd_export(args) -> int:
     from drcl.engine.checkpoint import encoder_weights
-    from drcl.export import save_export
+    from drcl.export import check_export_path, save_export
 
     try:
+        check_export_path(args.format, args.out)  # before reading a checkpoint of maybe hundreds of MB
         path = save_export(encoder_weights(args.checkpoint), args.format, args.out)
     except ValueError as e:
         raise _UsageError(str(e)) from None
