@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--repeat-factors also the per-class sampling share under each sampler")
     p.add_argument("--repeat-factors", choices=("random", "rfs", "irfs", "dynamic"),
                    help="compute repeat factors with this mode and add them to --json")
-    p.add_argument("--threshold", type=float, default=1e-3, help="repeat threshold t (default 1e-3, as on LVIS)")
+    p.add_argument("--threshold", type=float, default=1e-3,
+                   help="repeat threshold t (default 1e-3: LVIS's, and sampler.threshold's default). It is "
+                        "sized for LVIS's 100k images: on a small set every factor may stay 1.00, and the "
+                        "output then suggests a t for this set's size (the tiny configs use 0.05)")
     p.add_argument("--alpha", type=float, help="dynamic mode: weight a in [0, 1] (1 image-level, 0 instance-level)")
     _add_on_bad(p)
     p.set_defaults(func=cmd_stats)
@@ -232,7 +235,40 @@ def _add_repeat_factors(args, ann, stats: dict) -> dict:
     print("expected instance share per group: " + ", ".join(
         f"{stats['groups'][g]['name']} {stats['groups'][g]['instance_share']:.1%} -> {share[freq == g].sum():.1%}"
         for g in ("r", "c", "f")))
+    if args.repeat_factors != "random" and round(float(img.max()), 2) <= 1.0:
+        print(_threshold_note(arrays, args.repeat_factors, args.threshold, alpha))
     return sampling_shares(*arrays, threshold=args.threshold)
+
+
+#: LVIS v1 train: t = 1e-3 over its 100,170 images repeats the categories in fewer than ~100 images.
+LVIS_THRESHOLD, LVIS_TRAIN_IMAGES = 1e-3, 100_170
+TINY_THRESHOLD = 0.05  # configs/tiny.yaml and tiny_finetune.yaml
+
+
+def _threshold_note(arrays, mode: str, threshold: float, alpha: float) -> str:
+    """One line for a threshold that repeats nothing: the rarest category's score (a category
+    is repeated only when its score is below t) and a t that would repeat something, from the
+    data's size: LVIS's t scaled to this many images (the same absolute number of images)."""
+    from drcl.sampling import category_frequencies, category_repeat_factors
+
+    num_images = arrays[2]
+    # With t = 1 and no square root the factor is max(1, 1 / s) = 1 / s (every score is <= 1).
+    unit = category_repeat_factors(*category_frequencies(*arrays), mode, 1.0, alpha, sqrt=False)
+    rarest = 1.0 / unit.max()
+    scaled = LVIS_THRESHOLD * LVIS_TRAIN_IMAGES / max(num_images, 1)
+
+    def repeats(t):  # the rarest category's factor at t shows above 1.00
+        return round((t / rarest) ** 0.5, 2) > 1.0
+
+    tries = []
+    if repeats(scaled):
+        tries.append(f"--threshold {scaled:.2g} (LVIS's 1e-3 scaled from its {LVIS_TRAIN_IMAGES:,} images "
+                     f"to these {num_images:,})")
+    if repeats(TINY_THRESHOLD) and f"{scaled:.2g}" != f"{TINY_THRESHOLD:.2g}":
+        tries.append(f"{TINY_THRESHOLD:g} (the tiny configs')")
+    advice = "try " + " or ".join(tries) if tries else f"any t above {rarest:.2g} repeats the rarest category"
+    return (f"note: every repeat factor is 1.00, so {mode} changes nothing here: a category is repeated only "
+            f"when its score is below t={threshold:g}, and the rarest's is {rarest:.2g}; {advice}")
 
 
 class _UsageError(Exception):
