@@ -114,3 +114,110 @@ def test_stats_repeat_factor_option_errors(lvis_files, capsys, args, words):
     assert main(["stats", str(lvis_files[0]), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("drcl stats: error: ") and words in err
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"drcl {version('drcl')}"
+
+
+def test_version_in_a_source_tree_is_the_package_attribute(monkeypatch):
+    import importlib.metadata
+
+    import drcl
+    from drcl import cli
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert cli.version() == drcl.__version__
+
+
+def test_pyproject_takes_its_version_from_the_package():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert "version" in pyproject["project"]["dynamic"] and "version" not in pyproject["project"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "drcl.__version__"}
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_output_into_a_closed_pipe_ends_quietly(lvis_files, unbuffered):
+    """``drcl stats ... | head``: the reader is gone before drcl writes. Deterministic: the pipe's
+    read end is closed before the process starts, so the first write (unbuffered) or the exit
+    flush (buffered, as for a user without PYTHONUNBUFFERED) meets EPIPE."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    proc = subprocess.run([sys.executable, "-m", "drcl", "stats", str(lvis_files[0]), "--repeat-factors", "rfs"],
+                          stdout=write_end, stderr=subprocess.PIPE, env=env, text=True, timeout=120)
+    os.close(write_end)
+    assert proc.stderr == ""  # no traceback, no "Exception ignored ... BrokenPipeError"
+    assert proc.returncode == 141  # 128 + SIGPIPE, as `head`'s other writers end
+
+
+def test_reader_that_stops_after_one_line(lvis_files):
+    """The newcomer's case: read a line, close the pipe, let drcl go on writing."""
+    import os
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "drcl", "stats", str(lvis_files[0]), "--repeat-factors", "rfs"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout.readline().startswith(str(lvis_files[0]))
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) in (0, 141)  # 0 when drcl had written everything before the close
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def _thousand_images(tmp_path):
+    """1,000 images all holding category 1; category 2 in 5 of them (f_img 0.005 > LVIS's t)."""
+    images = [{"id": i, "width": 32, "height": 32, "file_name": f"{i}.jpg"} for i in range(1, 1001)]
+    anns = [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 8, 8], "area": 64} for i in range(1, 1001)]
+    anns += [{"id": 1000 + i, "image_id": i, "category_id": 2, "bbox": [10, 10, 8, 8], "area": 64} for i in range(1, 6)]
+    cats = [{"id": 1, "name": "head", "frequency": "f"}, {"id": 2, "name": "tail", "frequency": "r"}]
+    path = tmp_path / "thousand.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return path
+
+
+def test_stats_says_when_the_threshold_repeats_nothing(tmp_path, capsys):
+    path = _thousand_images(tmp_path)
+    assert main(["stats", str(path), "--repeat-factors", "rfs"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "max factor 1.00" in out[-3]
+    assert out[-1] == ("note: every repeat factor is 1.00, so rfs changes nothing here: a category is repeated only "
+                       "when its score is below t=0.001, and the rarest's is 0.005; try --threshold 0.1 (LVIS's "
+                       "1e-3 scaled from its 100,170 images to these 1,000) or 0.05 (the tiny configs')")
+
+    # the suggested t repeats the tail category's 5 images sqrt(0.1 / 0.005) times, and says nothing more
+    out_json = tmp_path / "rf.json"
+    assert main(["stats", str(path), "--repeat-factors", "rfs", "--threshold", "0.1", "--json", str(out_json)]) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert [c["repeat_factor"] for c in json.loads(out_json.read_text())["categories"]] == pytest.approx(
+        [1.0, 20 ** 0.5])
+
+    assert main(["stats", str(path), "--repeat-factors", "random"]) == 0  # no sampler to tune: no note
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_stats_threshold_note_for_a_set_without_rare_categories(tmp_path, capsys):
+    """Every category in at least 100 images: LVIS's scaled t would repeat nothing either."""
+    images = [{"id": i, "width": 32, "height": 32, "file_name": f"{i}.jpg"} for i in range(1, 201)]
+    anns = [{"id": i, "image_id": i, "category_id": 1 + i % 2, "bbox": [1, 1, 8, 8], "area": 64} for i in range(1, 201)]
+    path = tmp_path / "even.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    assert main(["stats", str(path), "--repeat-factors", "irfs"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(
+        "the rarest's is 0.5; any t above 0.5 repeats the rarest category")

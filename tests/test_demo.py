@@ -16,6 +16,8 @@ def test_demo_writes_a_report_with_both_rows(tmp_path):
     text = report.read_text()
     assert "| random init, same compute |" in text and "| 2DRCL pre-training |" in text
     assert "| difference |" in text
+    assert "| initialisation | AP | AP50 | AP75 | APs | APm | APl | APr | APc | APf |" in text
+    assert "as fractions in [0, 1]" in text and "good reconstruction" in text
     assert "training health" in text and "box embeddings: mean cosine" in text
     for png in ("class_frequency", "sampling_share", "losses", "ap_per_group", "reconstructions"):
         assert (tmp_path / "demo" / f"{png}.png").read_bytes()[:4] == b"\x89PNG", png

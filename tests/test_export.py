@@ -7,6 +7,7 @@ models written out by hand from their model definitions (see docs/export.md).
 
 import os
 import pickle
+import stat
 
 import numpy as np
 import pytest
@@ -264,3 +265,35 @@ def test_save_export_is_atomic(tmp_path, tiny_bn, monkeypatch):
         save_export(tiny_bn[1], "mmdet", path)
     assert path.read_bytes() == b"previous"
     assert os.listdir(tmp_path) == ["w.pth"]
+
+
+def test_exported_weights_are_readable_to_the_group(tmp_path, tiny_bn):
+    old = os.umask(0o022)
+    try:
+        for fmt, name in (("torchvision", "tv.pth"), ("detectron2", "d2.pkl"), ("mmdet", "mm.pth")):
+            path = save_export(tiny_bn[1], fmt, tmp_path / name)
+            assert stat.S_IMODE(path.stat().st_mode) == 0o644, fmt  # not mkstemp's 0600
+    finally:
+        os.umask(old)
+
+
+def test_cli_detectron2_needs_a_pkl_name_and_says_so_in_one_line(tmp_path, tiny_bn, capsys):
+    from drcl.cli import build_parser, main
+
+    # checked before the checkpoint is read: the missing checkpoint is not what is reported
+    assert main(["export", str(tmp_path / "missing.pt"), "--format", "detectron2", "--out",
+                 str(tmp_path / "w.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("drcl export: error: detectron2 weights need a file name ending "
+                                                    "in .pkl")
+    assert "'w.pth', e.g. 'w.pkl'" in err
+    assert not (tmp_path / "w.pth").exists()
+
+    helps = build_parser()._subparsers._group_actions[0].choices["export"].format_help()
+    assert "must end in .pkl" in " ".join(helps.split())
+
+    ckpt = tmp_path / "encoder.pt"
+    torch.save(tiny_bn[1], ckpt)
+    assert main(["export", str(ckpt), "--format", "detectron2", "--out", str(tmp_path / "w.pkl")]) == 0
+    with open(tmp_path / "w.pkl", "rb") as f:
+        _assert_same(import_weights(pickle.load(f), "detectron2"), _weights(tiny_bn[1]))

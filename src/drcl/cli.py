@@ -3,12 +3,15 @@
 Every command turns a :class:`~drcl.errors.DataError` or a
 :class:`~drcl.errors.MissingDependency` (an optional package the command needs) into one line on
 stderr and exit code 2; wrong arguments exit with 2 as argparse does. Commands import what they
-use when they run, so ``drcl --help`` needs nothing beyond the standard library.
+use when they run, so ``drcl --help`` and ``drcl --version`` need nothing beyond the standard
+library. Output cut short by its reader (``drcl stats ... | head``) ends quietly with exit code
+141 (128 + SIGPIPE), as for a command the pipe's signal ends, not with a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="drcl",
         description="2DRCL pre-training for long-tailed object detection.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("make-data", help="write a synthetic long-tailed dataset in LVIS v1 format")
@@ -52,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--repeat-factors also the per-class sampling share under each sampler")
     p.add_argument("--repeat-factors", choices=("random", "rfs", "irfs", "dynamic"),
                    help="compute repeat factors with this mode and add them to --json")
-    p.add_argument("--threshold", type=float, default=1e-3, help="repeat threshold t (default 1e-3, as on LVIS)")
+    p.add_argument("--threshold", type=float, default=1e-3,
+                   help="repeat threshold t (default 1e-3: LVIS's, and sampler.threshold's default). It is "
+                        "sized for LVIS's 100k images: on a small set every factor may stay 1.00, and the "
+                        "output then suggests a t for this set's size (the tiny configs use 0.05)")
     p.add_argument("--alpha", type=float, help="dynamic mode: weight a in [0, 1] (1 image-level, 0 instance-level)")
     _add_on_bad(p)
     p.set_defaults(func=cmd_stats)
@@ -97,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write pre-trained weights for torchvision, detectron2 or mmdetection")
     p.add_argument("checkpoint", help="a pretrain run's encoder.pt, checkpoints/last.pt or run folder")
-    p.add_argument("--format", required=True, choices=("torchvision", "detectron2", "mmdet"))
-    p.add_argument("--out", required=True, help="output file (detectron2: .pkl)")
+    p.add_argument("--format", required=True, choices=("torchvision", "detectron2", "mmdet"),
+                   help="torchvision and mmdet write a torch.save file (.pth); detectron2 a pickle whose name "
+                        "must end in .pkl (detectron2 loads only .pkl by exact key)")
+    p.add_argument("--out", required=True, help="output file: NAME.pth, or NAME.pkl for detectron2")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="generate data, pre-train, fine-tune 2DRCL vs random init, write a report "
@@ -108,10 +117,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    """The installed distribution's version (package metadata), or ``drcl.__version__`` in a
+    source tree run without installing (pyproject.toml reads its version from there)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("drcl")
+    except PackageNotFoundError:
+        from drcl import __version__
+
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return code
+    except BrokenPipeError:
+        # The reader went away (``| head``). Point stdout at /dev/null so that the exit flush
+        # of whatever is still buffered cannot fail again, and end as SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE
     except (DataError, MissingDependency) as e:
         print(f"drcl {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -207,7 +239,40 @@ def _add_repeat_factors(args, ann, stats: dict) -> dict:
     print("expected instance share per group: " + ", ".join(
         f"{stats['groups'][g]['name']} {stats['groups'][g]['instance_share']:.1%} -> {share[freq == g].sum():.1%}"
         for g in ("r", "c", "f")))
+    if args.repeat_factors != "random" and round(float(img.max()), 2) <= 1.0:
+        print(_threshold_note(arrays, args.repeat_factors, args.threshold, alpha))
     return sampling_shares(*arrays, threshold=args.threshold)
+
+
+#: LVIS v1 train: t = 1e-3 over its 100,170 images repeats the categories in fewer than ~100 images.
+LVIS_THRESHOLD, LVIS_TRAIN_IMAGES = 1e-3, 100_170
+TINY_THRESHOLD = 0.05  # configs/tiny.yaml and tiny_finetune.yaml
+
+
+def _threshold_note(arrays, mode: str, threshold: float, alpha: float) -> str:
+    """One line for a threshold that repeats nothing: the rarest category's score (a category
+    is repeated only when its score is below t) and a t that would repeat something, from the
+    data's size: LVIS's t scaled to this many images (the same absolute number of images)."""
+    from drcl.sampling import category_frequencies, category_repeat_factors
+
+    num_images = arrays[2]
+    # With t = 1 and no square root the factor is max(1, 1 / s) = 1 / s (every score is <= 1).
+    unit = category_repeat_factors(*category_frequencies(*arrays), mode, 1.0, alpha, sqrt=False)
+    rarest = 1.0 / unit.max()
+    scaled = LVIS_THRESHOLD * LVIS_TRAIN_IMAGES / max(num_images, 1)
+
+    def repeats(t):  # the rarest category's factor at t shows above 1.00
+        return round((t / rarest) ** 0.5, 2) > 1.0
+
+    tries = []
+    if repeats(scaled):
+        tries.append(f"--threshold {scaled:.2g} (LVIS's 1e-3 scaled from its {LVIS_TRAIN_IMAGES:,} images "
+                     f"to these {num_images:,})")
+    if repeats(TINY_THRESHOLD) and f"{scaled:.2g}" != f"{TINY_THRESHOLD:.2g}":
+        tries.append(f"{TINY_THRESHOLD:g} (the tiny configs')")
+    advice = "try " + " or ".join(tries) if tries else f"any t above {rarest:.2g} repeats the rarest category"
+    return (f"note: every repeat factor is 1.00, so {mode} changes nothing here: a category is repeated only "
+            f"when its score is below t={threshold:g}, and the rarest's is {rarest:.2g}; {advice}")
 
 
 class _UsageError(Exception):
@@ -312,9 +377,10 @@ def cmd_probe(args) -> int:
 
 def cmd_export(args) -> int:
     from drcl.engine.checkpoint import encoder_weights
-    from drcl.export import save_export
+    from drcl.export import check_export_path, save_export
 
     try:
+        check_export_path(args.format, args.out)  # before reading a checkpoint of maybe hundreds of MB
         path = save_export(encoder_weights(args.checkpoint), args.format, args.out)
     except ValueError as e:
         raise _UsageError(str(e)) from None

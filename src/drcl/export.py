@@ -258,14 +258,23 @@ def _container(state_dict: dict, fmt: str, norm: str | None, meta: dict | None):
     return sd
 
 
+def check_export_path(fmt: str, path) -> Path:
+    """``path`` as a :class:`~pathlib.Path`, or a one-line ``ValueError`` naming the suffix
+    ``fmt`` needs: detectron2's DetectionCheckpointer loads a ``.pkl`` by exact key and runs any
+    other name through its name-matching heuristics, so detectron2 weights must end in ``.pkl``."""
+    path = Path(path)
+    if fmt == "detectron2" and path.suffix != ".pkl":
+        raise ValueError(f"detectron2 weights need a file name ending in .pkl (DetectionCheckpointer loads .pkl "
+                         f"by exact key, other names by name heuristics): {path.name!r}, e.g. "
+                         f"{path.with_suffix('.pkl').name!r}")
+    return path
+
+
 def save_export(state_dict: dict, fmt: str, path, norm: str | None = None, meta: dict | None = None) -> Path:
     """Write encoder weights in ``fmt``'s checkpoint container to ``path`` atomically (temp file
     in the same folder, fsync, ``os.replace``). detectron2 needs a ``.pkl`` path. ``meta``
     (plain str / int / float values) is stored with the weights. Returns the path."""
-    path = Path(path)
-    if fmt == "detectron2" and path.suffix != ".pkl":
-        raise ValueError(f"detectron2 export must be a .pkl file (DetectionCheckpointer loads .pkl files by "
-                         f"exact key and .pth files by name heuristics), not {path.name!r}")
+    path = check_export_path(fmt, path)
     data = _container(state_dict, fmt, norm, meta)
     if fmt == "detectron2":
         return atomic_write(path, lambda f: pickle.dump(data, f, protocol=4))

@@ -1,0 +1,130 @@
+"""The demo report's pieces, without running the demo: the table's units and columns, the
+smoothing of the fine-tuning loss, the sampling-share legend and the reconstruction caption."""
+
+import json
+
+import matplotlib.figure
+import numpy as np
+import pytest
+import torch
+
+from drcl.config import drcl_config, load_config
+from drcl.data.synthetic import make_dataset
+from drcl.demo import (
+    RECONSTRUCTION_CAPTION,
+    plot_losses,
+    plot_reconstructions,
+    plot_sampling_share,
+    results_table,
+    smooth,
+)
+from drcl.engine.checkpoint import save_checkpoint
+from drcl.evaluation.lvis_eval import format_results
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every matplotlib figure saved while the test runs (it is closed, not gone)."""
+    saved = []
+    original = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        saved.append(fig)
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    return saved
+
+
+def _result(ap):
+    return {"AP": ap, "AP50": 0.4, "AP75": 0.125, "APs": -1.0, "APm": 0.2, "APl": 0.3, "APr": 0.05,
+            "APc": 0.1, "APf": 0.25, "iou_type": "bbox"}
+
+
+def test_results_table_is_in_fractions_with_every_evaluator_metric():
+    base, drcl = _result(0.2), _result(0.2346)
+    drcl["APr"] = 0.0712
+    lines = results_table(drcl, base)
+    assert "as fractions in [0, 1] like `drcl evaluate` prints them" in lines[0]
+    header, _, random_row, drcl_row, diff_row = lines[2:]
+    assert header == "| initialisation | AP | AP50 | AP75 | APs | APm | APl | APr | APc | APf |"
+    assert random_row == "| random init, same compute | 0.200 | 0.400 | 0.125 | n/a | 0.200 | 0.300 | 0.050 | 0.100 | 0.250 |"
+    assert drcl_row.split(" | ")[1] == "0.235" and drcl_row.split(" | ")[7] == "0.071"
+    assert diff_row == "| difference | +0.035 | +0.000 | +0.000 | n/a | +0.000 | +0.000 | +0.021 | +0.000 | +0.000 |"
+    # the same numbers, to the digit, as `drcl evaluate` prints for the same result
+    assert format_results(base).splitlines()[1].split() == [
+        c.strip().replace("n/a", "-") for c in random_row.split("|")[2:-1]]
+
+
+def test_results_table_keeps_only_metrics_both_results_have():
+    base, drcl = _result(0.2), _result(0.3)
+    for r in (base, drcl):
+        del r["APs"], r["APm"], r["APl"]
+    del base["AP75"]
+    assert results_table(drcl, base)[2] == "| initialisation | AP | AP50 | APr | APc | APf |"
+
+
+def test_smooth_is_a_centred_moving_average():
+    x = [1.0, 2.0, 4.0, 8.0, 16.0]
+    # window 3: (1+2)/2, (1+2+4)/3, (2+4+8)/3, (4+8+16)/3, (8+16)/2
+    assert smooth(x, 3) == pytest.approx([1.5, 7 / 3, 14 / 3, 28 / 3, 12.0])
+    # window 5: ends average the 3 and 4 points that exist
+    assert smooth(x, 5) == pytest.approx([7 / 3, 15 / 4, 31 / 5, 30 / 4, 28 / 3])
+    assert smooth(x, 1) == pytest.approx(x) and smooth(x, 0) == pytest.approx(x)
+
+
+def test_finetune_loss_panel_has_faint_raw_and_smoothed_lines(tmp_path, saved_figures):
+    rng = np.random.default_rng(0)
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "metrics.jsonl").write_text(
+        "\n".join(json.dumps({"iter": i, "lcl": 3.0, "lcl_chance": 4.0, "lcl_gap": 0.1, "ar": 0.5}) for i in (1, 2)))
+    losses = {}
+    for name in ("finetune-2drcl", "finetune-random"):
+        (tmp_path / name).mkdir()
+        losses[name] = list(np.exp(-np.arange(40) / 20) * (1 + 0.3 * rng.random(40)))
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "\n".join(json.dumps({"iter": 10 * (i + 1), "loss": v}) for i, v in enumerate(losses[name])))
+    plot_losses(tmp_path, tmp_path / "losses.png")
+    ft = saved_figures[-1].axes[3]
+    assert ft.get_yscale() == "log"
+    raw, smoothed = ft.lines[0], ft.lines[1]
+    assert raw.get_alpha() < 0.5 and smoothed.get_alpha() in (None, 1.0)
+    assert list(raw.get_ydata()) == pytest.approx(losses["finetune-2drcl"])
+    assert list(smoothed.get_ydata()) == pytest.approx(smooth(losses["finetune-2drcl"], 40 // 8))
+    assert raw.get_color() == smoothed.get_color()
+    assert [t.get_text() for t in ft.get_legend().get_texts()] == ["from 2DRCL", "from random init"]
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo-data")
+    make_dataset(root, classes=6, train_images=30, val_images=4, image_size=64, imbalance=10, seed=0, progress=False)
+    return root
+
+
+def test_sampling_share_legend_names_the_dotted_lines(demo_data, tmp_path, saved_figures):
+    cfg = load_config("tiny", [f"data.train_json={demo_data / 'annotations' / 'train.json'}"])
+    plot_sampling_share(demo_data / "annotations" / "train.json", cfg, tmp_path / "share.png")
+    ax = saved_figures[-1].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"rare (no rebalancing)", "common (no rebalancing)", "frequent (no rebalancing)"} <= set(labels)
+    dotted = {line.get_label() for line in ax.lines if line.get_linestyle() == ":"}
+    assert dotted == {"rare (no rebalancing)", "common (no rebalancing)", "frequent (no rebalancing)"}
+
+
+def test_reconstruction_panel_has_its_caption(demo_data, tmp_path, saved_figures):
+    cfg = load_config("tiny", ["data.image_size=64"])
+    torch.manual_seed(0)
+    from drcl.model.drcl import DRCL
+
+    save_checkpoint({"config": cfg, "model": DRCL(drcl_config(cfg)).state_dict()},
+                    tmp_path / "pretrain" / "checkpoints" / "last.pt")
+    plot_reconstructions(tmp_path, demo_data, tmp_path / "rec.png", n=2)
+    fig = saved_figures[-1]
+    caption = " ".join(t.get_text() for t in fig.texts).replace("\n", " ")
+    assert caption == RECONSTRUCTION_CAPTION and "good reconstruction" in caption
+    # the caption sits below the images, not over them
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    text_top = fig.texts[0].get_window_extent(FigureCanvasAgg(fig).get_renderer()).y1
+    assert all(ax.get_window_extent().y0 >= text_top for ax in fig.axes)
