@@ -9,6 +9,7 @@ import torch
 
 from drcl.cli import main
 from drcl.data.annotations import load_annotations
+from drcl.errors import DataError
 from drcl.evaluation.visualize import (
     GT_COLOR,
     MATCH_COLOR,
@@ -240,3 +241,17 @@ def test_visualize_bad_arguments(vis_files, tmp_path, capsys):
     assert "no category id 99" in capsys.readouterr().err
     assert main(base + ["--score", "1.5"]) == 2
     assert "minimum score" in capsys.readouterr().err
+
+
+def test_side_by_side_panel(vis_files, tmp_path):
+    from drcl.evaluation.visualize import plot_detections_side_by_side
+
+    gt, dets, images, *_ = vis_files
+    ann = load_annotations(gt)
+    path = tmp_path / "side.png"
+    rows = plot_detections_side_by_side(ann, {"a": dets, "b": []}, images, path, "rare", max_images=2)
+    assert rows == 2 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = json.loads(dets.read_text())
+    records[0]["image_id"] = 999
+    with pytest.raises(DataError, match=r"^detections: detection #0: unknown image id 999$"):
+        plot_detections_side_by_side(ann, {"a": records}, images, path)

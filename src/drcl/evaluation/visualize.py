@@ -327,11 +327,13 @@ def _gallery_order(ann: Annotations, categories: list[int]) -> list[int]:
     return order
 
 
-def plot_gallery(tiles: list[tuple[torch.Tensor, str]], path: str | os.PathLike, title: str) -> None:
-    """One PNG grid of drawn images (``(image, caption)``), captions under a legend title."""
+def plot_gallery(tiles: list[tuple[torch.Tensor, str]], path: str | os.PathLike, title: str,
+                 cols: int | None = None) -> None:
+    """One PNG grid of drawn images (``(image, caption)``, row by row, ``cols`` to a row:
+    default about the square root of their number), captions under a legend title."""
     plt = pyplot("the gallery")
     n = len(tiles)
-    cols = max(1, math.ceil(math.sqrt(n)))
+    cols = cols or max(1, math.ceil(math.sqrt(n)))
     rows = max(1, math.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows + 0.6), dpi=110, squeeze=False)
     for ax in axes.flat:
@@ -381,8 +383,8 @@ def visualize(
     out = Path(out)
     rows = confusion_table(ann, dets, chosen, min_score)
     write_confusion_csv(rows, out / "confusion.csv")
-    what = (categories if categories.lower() in _GROUP_WORDS else f"categories {categories}")
-    plot_confusion(rows, out / "confusion.png", f"Where the {what} ground-truth boxes go\n"
+    what = _describe(categories)
+    plot_confusion(rows, out / "confusion.png", f"Where the ground-truth boxes of {what} go\n"
                    f"(share of each row's boxes; detections with score >= {min_score:g}, IoU >= {IOU:g})")
 
     by_image = _ByImage(dets, min_score)
@@ -409,11 +411,57 @@ def visualize(
             tiles.append((image, f"image {rec['id']}: " + ", ".join(held)))
             bar.update(1)
     if tiles:
-        legend = ("green: ground truth (named when no detection of its class finds it); blue: detection on a\n"
-                  f"ground-truth box of its class (IoU >= {IOU:g}); red: other detection; scores >= {min_score:g}")
-        plot_gallery(tiles, out / "gallery.png", f"Val images holding {what}\n{legend}")
+        plot_gallery(tiles, out / "gallery.png", f"Val images holding {what}\n{_legend(min_score)}")
     return {"categories": [ann.categories[c]["id"] for c in chosen], "rows": rows, "images": written,
             "skipped": skipped, "gt": ann}
+
+
+def _describe(categories: str) -> str:
+    spec = categories.strip().lower()
+    return f"{spec} objects" if spec in _GROUP_WORDS else f"categories {categories}"
+
+
+def _legend(min_score: float) -> str:
+    return ("green: ground truth (named when no detection of its class finds it); blue: detection on a\n"
+            f"ground-truth box of its class (IoU >= {IOU:g}); red: other detection; scores >= {min_score:g}")
+
+
+def plot_detections_side_by_side(
+    gt: Annotations,
+    runs: dict[str, str | os.PathLike | list],
+    images_dir: str | os.PathLike,
+    path: str | os.PathLike,
+    categories: str = "rare",
+    min_score: float = MIN_SCORE,
+    max_images: int = 4,
+) -> int:
+    """One PNG: a row per val image holding the chosen categories (chosen as for the
+    gallery), a column per run (``{label: detections}``, COCO results files or lists), each
+    tile drawn as in ``drcl visualize``. Returns the number of rows. Bad input raises a
+    one-line :class:`DataError`."""
+    chosen = select_categories(gt, categories)
+    by_run = {}
+    for label, source in runs.items():
+        dets, name = read_detections(source)
+        dets, _ = validate_detections(dets, name, gt.image_pos, set(gt.category_pos))
+        by_run[label] = _ByImage(dets, min_score)
+    chosen_set = set(chosen)
+    tiles, rows = [], 0
+    for i in _gallery_order(gt, chosen)[:max_images]:
+        rec = gt.images[i]
+        problem = image_file_problem(rec, images_dir, decode=True)
+        if problem:
+            raise DataError(f"{gt.path}: image id {rec['id']}: {problem}")
+        held = sorted({gt.categories[gt.category_index[k]]["name"] for k in gt.anns_by_image[i]
+                       if gt.category_index[k] in chosen_set})
+        for label, by_image in by_run.items():
+            tiles.append((_drawn_image(gt, i, images_dir, by_image), f"{label}: image {rec['id']} ({', '.join(held)})"))
+        rows += 1
+    if tiles:
+        what = _describe(categories)
+        plot_gallery(tiles, path, f"The same val images holding {what}, detections of each run\n{_legend(min_score)}",
+                     cols=len(by_run))
+    return rows
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:
@@ -440,5 +488,5 @@ def format_summary(rows: list[dict], top: int = 5) -> str:
 
 
 __all__ = ["CSV_COLUMNS", "GT_COLOR", "IOU", "MATCH_COLOR", "MIN_SCORE", "OTHER_COLOR", "box_iou", "box_outcomes",
-           "confusion_table", "draw_boxes", "format_summary", "plot_confusion", "plot_gallery", "select_categories",
-           "visualize", "write_confusion_csv"]
+           "confusion_table", "draw_boxes", "format_summary", "plot_confusion", "plot_detections_side_by_side",
+           "plot_gallery", "select_categories", "visualize", "write_confusion_csv"]
