@@ -221,3 +221,29 @@ def test_stats_threshold_note_for_a_set_without_rare_categories(tmp_path, capsys
     assert main(["stats", str(path), "--repeat-factors", "irfs"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].endswith(
         "the rarest's is 0.5; any t above 0.5 repeats the rarest category")
+
+
+def test_evaluate_with_train_counts(small_data, tmp_path, capsys):
+    import csv
+    from collections import Counter
+
+    ann = small_data / "annotations"
+    val = json.loads((ann / "val.json").read_text())
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+            for a in val["annotations"]]
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps(dets))
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--gt", str(ann / "val.json"), "--detections", str(path), "--json", str(out),
+                 "--train-gt", str(ann / "train.json")]) == 0
+    train = json.loads((ann / "train.json").read_text())
+    instances = Counter(a["category_id"] for a in train["annotations"])
+    with open(tmp_path / "m_per_category.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {int(r["id"]): int(r["train_instance_count"]) for r in rows} == {
+        c["id"]: instances[c["id"]] for c in train["categories"]}
+    assert all(float(r["ap"]) == 1.0 for r in rows)  # every box detected exactly
+    assert (tmp_path / "m_ap_vs_frequency.png").stat().st_size > 5000
+    assert main(["evaluate", "--gt", str(ann / "val.json"), "--detections", str(path),
+                 "--train-gt", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json: no such file" in capsys.readouterr().err

@@ -80,6 +80,17 @@ def test_a_plot_command_without_matplotlib_is_one_line_naming_it(lvis_files, tmp
     assert run.stderr.strip() == "drcl stats: error: --plot needs matplotlib: pip install matplotlib"
 
 
+def test_visualize_without_matplotlib_is_one_line_and_needs_no_evaluator(lvis_files, tmp_path):
+    gt, images = lvis_files
+    args = ("visualize", "--gt", gt, "--detections", _detections(tmp_path), "--images", images, "--out", tmp_path / "v")
+    run = _drcl_without(["matplotlib"], *args)
+    assert run.returncode == 2
+    assert run.stderr.strip() == "drcl visualize: error: drcl visualize needs matplotlib: pip install matplotlib"
+    run = _drcl_without(["faster_coco_eval", "tensorboard"], *args)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "v" / "confusion.csv").exists()
+
+
 def _base_version(version: str) -> str:
     return version.split("+")[0]  # 2.14.1+cu130 -> 2.14.1
 

@@ -90,7 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config naming data.val_json and data.val_images (with --checkpoint)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", dest="json_out", help="write the metrics here (also per-category CSV and plot beside it)")
+    p.add_argument("--train-gt", help="training annotation file: add its per-category image and instance counts "
+                                      "to the CSV and plot AP against them")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("visualize", help="draw ground truth and detections, a gallery of chosen categories "
+                                         "and a confusion table of who takes their boxes")
+    p.add_argument("--gt", required=True, help="ground-truth COCO / LVIS JSON")
+    p.add_argument("--detections", required=True, help="detections in COCO results format (JSON list, bbox)")
+    p.add_argument("--images", required=True, help="the ground truth's image folder")
+    p.add_argument("--out", required=True, help="output folder: images/, gallery.png, confusion.csv, confusion.png")
+    p.add_argument("--categories", default="rare",
+                   help="rare (default), common, frequent, or category ids: 3,17,42")
+    p.add_argument("--score", type=float, default=0.3, help="minimum score of a drawn or counted detection (default 0.3)")
+    p.add_argument("--max-images", type=int, default=16, help="images drawn and in the gallery (default 16)")
+    _add_on_bad(p)
+    p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("probe", help="linear probe of frozen box features: val top-1 per frequency group")
     p.add_argument("--checkpoint", help="a pretrain run's encoder.pt, checkpoints/last.pt or folder "
@@ -308,7 +323,8 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from drcl.evaluation.lvis_eval import evaluate_detections, format_results, plot_ap_vs_frequency, write_per_category_csv
+    from drcl.evaluation.lvis_eval import (add_train_counts, evaluate_detections, format_results, plot_ap_vs_frequency,
+                                           write_per_category_csv)
 
     if args.checkpoint:
         if args.gt or args.detections or not args.config:
@@ -325,10 +341,11 @@ def cmd_evaluate(args) -> int:
             val = load_val(cfg)
         except ConfigError as e:
             raise _UsageError(str(e)) from None
+        train = _load_train_gt(args)
         detector, meta = load_finetuned(args.checkpoint, cfg, val)
         device = pick_device(cfg["train"]["device"])
         out = Path(args.json_out).parent if args.json_out else Path(args.checkpoint).parent.parent / "eval"
-        results = evaluate_model(detector.to(device), cfg, device, out, None, meta["masks"], meta["category_ids"],
+        results = evaluate_model(detector.to(device), cfg, device, out, train, meta["masks"], meta["category_ids"],
                                  val=val)
         if args.json_out:
             _write_json(args.json_out, {k: {m: v for m, v in r.items() if m != "per_category"} for k, r in results.items()})
@@ -336,7 +353,10 @@ def cmd_evaluate(args) -> int:
         return 0
     if not (args.gt and args.detections):
         raise _UsageError("use --gt GT.json --detections DT.json, or --checkpoint CKPT --config CFG")
+    train = _load_train_gt(args)
     result = evaluate_detections(args.gt, args.detections, iou_type=args.iou_type)
+    if train is not None:
+        add_train_counts(result, train)
     print(format_results(result))
     if args.json_out:
         _write_json(args.json_out, {m: v for m, v in result.items() if m != "per_category"})
@@ -349,6 +369,36 @@ def cmd_evaluate(args) -> int:
         except MissingDependency as e:
             print(f"skipped: {e}")
         print(f"wrote {args.json_out}, {stem}_per_category.csv")
+    return 0
+
+
+def _load_train_gt(args):
+    """``--train-gt``'s annotations (validated), or ``None``."""
+    if not args.train_gt:
+        return None
+    from drcl.data.annotations import load_annotations
+
+    return load_annotations(args.train_gt)
+
+
+def cmd_visualize(args) -> int:
+    from drcl.evaluation.visualize import format_summary, visualize
+
+    try:
+        result = visualize(args.gt, args.detections, args.images, args.out, categories=args.categories,
+                           min_score=args.score, max_images=args.max_images, on_bad=args.on_bad)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    _report_skipped(result["gt"])
+    skipped = result["skipped"]
+    if skipped["detections"]:
+        print(f"{args.detections}: skipped {skipped['detections']} bad detections", file=sys.stderr)
+    if skipped["image files"]:
+        print(f"{args.gt}: skipped {skipped['image files']} images whose file is missing or bad", file=sys.stderr)
+    print(f"{args.categories} (score >= {args.score:g}): {format_summary(result['rows'])}")
+    out = Path(args.out)
+    drawn = f"{len(result['images'])} drawn images in {out / 'images'}, {out / 'gallery.png'}, " if result["images"] else ""
+    print(f"wrote {drawn}{out / 'confusion.csv'}, {out / 'confusion.png'}")
     return 0
 
 

@@ -9,7 +9,9 @@
 5. evaluate both under LVIS rules and write ``OUT/report.md`` with the table (every metric the
    evaluator gives: AP, AP50, AP75, APs, APm, APl, APr, APc, APf, as fractions like
    ``drcl evaluate`` prints them, for both and the difference) and plots: class frequency,
-   sampling share over pre-training, loss curves, AP per group, AR reconstructions.
+   sampling share over pre-training, loss curves, AP per group, AR reconstructions, AP per
+   class against training instances and both runs' detections on the same val images with
+   rare objects.
 
 The settings (:data:`DEMO`) are sized for about 15 minutes on 2 CPU cores.
 """
@@ -32,7 +34,8 @@ from drcl.data.synthetic import make_dataset
 from drcl.engine.checkpoint import load_checkpoint
 from drcl.engine.health import format_summary
 from drcl.evaluation.lvis_eval import METRICS as EVAL_METRICS
-from drcl.evaluation.lvis_eval import check_evaluator
+from drcl.evaluation.lvis_eval import check_evaluator, plot_ap_vs_frequency_panels
+from drcl.evaluation.visualize import plot_detections_side_by_side
 from drcl.finetune import finetune
 from drcl.pretrain import pretrain
 from drcl.sampling import expected_sampling_share, repeat_factors_for
@@ -264,6 +267,18 @@ def results_table(drcl: dict, base: dict) -> list[str]:
     ]
 
 
+def plot_per_class(out: Path, data: Path, drcl: dict, base: dict) -> None:
+    """``ap_per_class.png``: every class's AP against its training instances, both runs side by
+    side; ``detections.png``: both runs' detections on the same val images holding rare objects
+    (common ones when the data has no rare class)."""
+    plot_ap_vs_frequency_panels({"random init, same compute": base, "2DRCL": drcl}, out / "ap_per_class.png")
+    val = load_annotations(data / "annotations" / "val.json")
+    group = next(GROUP_NAMES[g] for g in GROUPS if g in val.frequency)
+    runs = {name: out / run / "eval" / "detections.json"
+            for name, run in (("random init", "finetune-random"), ("2DRCL", "finetune-2drcl"))}
+    plot_detections_side_by_side(val, runs, data / "images" / "val", out / "detections.png", group, max_images=4)
+
+
 def write_report(out: Path, data: Path, pre_cfg: dict, drcl: dict, base: dict, info: dict) -> Path:
     train_json = data / "annotations" / "train.json"
     stats = category_stats(load_annotations(train_json))
@@ -272,6 +287,7 @@ def write_report(out: Path, data: Path, pre_cfg: dict, drcl: dict, base: dict, i
     plot_losses(out, out / "losses.png")
     plot_ap_groups(drcl, base, out / "ap_per_group.png")
     plot_reconstructions(out, data, out / "reconstructions.png")
+    plot_per_class(out, data, drcl, base)
     groups = stats["groups"]
     lines = [
         "# drcl demo report",
@@ -301,6 +317,8 @@ def write_report(out: Path, data: Path, pre_cfg: dict, drcl: dict, base: dict, i
         "![losses](losses.png)",
         "![AP per group](ap_per_group.png)",
         "![AR reconstructions](reconstructions.png)",
+        "![AP per class against training instances](ap_per_class.png)",
+        "![detections of both runs on the same val images](detections.png)",
         "",
         RECONSTRUCTION_CAPTION,
         "",

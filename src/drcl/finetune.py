@@ -32,8 +32,8 @@ from drcl.engine.distributed import cleanup
 from drcl.engine.trainer import Task, make_loader, prepare_run, train
 from drcl.errors import DataError, MissingDependency
 from drcl.evaluation.inference import predict
-from drcl.evaluation.lvis_eval import (check_evaluator, evaluate_detections, format_results, plot_ap_vs_frequency,
-                                       write_per_category_csv)
+from drcl.evaluation.lvis_eval import (add_train_counts, check_evaluator, evaluate_detections, format_results,
+                                       plot_ap_vs_frequency, write_per_category_csv)
 from drcl.export import load_into_detector
 from drcl.model.detector import build_detector
 
@@ -91,10 +91,11 @@ def evaluate_model(detector, cfg: dict, device, out: Path, train_ann: Annotation
         if not dets:
             raise DataError(f"the model made no detections on {val.path}: nothing to score")
         result = evaluate_detections(val, dets, iou_type=iou_type, max_dets=cfg["eval"]["max_dets"])
+        if train_ann is not None:
+            add_train_counts(result, train_ann)
         write_per_category_csv(result, out / f"per_category_{iou_type}.csv")
-        counts = None if train_ann is None else {c["id"]: int(n) for c, n in zip(train_ann.categories, train_ann.image_count)}
         try:
-            plot_ap_vs_frequency(result, out / f"ap_vs_frequency_{iou_type}.png", counts)
+            plot_ap_vs_frequency(result, out / f"ap_vs_frequency_{iou_type}.png")
         except ValueError:
             pass  # no category with a defined AP to plot
         except MissingDependency as e:

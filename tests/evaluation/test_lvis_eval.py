@@ -11,14 +11,19 @@ import pycocotools.mask as mask_utils  # lvis-api imports it without declaring i
 import pytest
 
 from drcl.errors import DataError
+from drcl.data.annotations import load_annotations
 from drcl.evaluation import (
     CSV_COLUMNS,
     METRICS,
+    TRAIN_CSV_COLUMNS,
+    add_train_counts,
     evaluate_detections,
     format_results,
     plot_ap_vs_frequency,
+    plot_ap_vs_frequency_panels,
     write_per_category_csv,
 )
+from drcl.evaluation.lvis_eval import MAX_NAMED_RARE, ap_vs_frequency_points
 
 pytestmark = pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")
 
@@ -465,6 +470,44 @@ def test_plot_ap_vs_frequency(result, tmp_path):
     assert other.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="nothing to plot"):
         plot_ap_vs_frequency(result, tmp_path / "none.png", train_counts={})
+
+
+def test_train_counts_in_csv_and_plot(result, dataset, tmp_path):
+    gt, _, _, _ = dataset
+    # a training file: category 3 in two images (three boxes), category 21 in one, 40 absent
+    train = {"images": [{"id": i, "width": 50, "height": 50, "file_name": f"{i}.jpg"} for i in (1, 2)],
+             "categories": gt["categories"],
+             "annotations": [{"id": k, "image_id": i, "category_id": c, "bbox": [1, 1, 5, 5]}
+                             for k, (i, c) in enumerate([(1, 3), (1, 3), (2, 3), (2, 21)], start=1)]}
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(train))
+    counted = add_train_counts(copy.deepcopy(result), load_annotations(path))
+    by_id = {c["id"]: c for c in counted["per_category"]}
+    assert (by_id[3]["train_image_count"], by_id[3]["train_instance_count"]) == (2, 3)
+    assert (by_id[21]["train_image_count"], by_id[21]["train_instance_count"]) == (1, 1)
+    assert by_id[5]["train_instance_count"] == 0 and by_id[40]["train_instance_count"] == 0
+
+    csv_path = tmp_path / "per_category.csv"
+    write_per_category_csv(counted, csv_path)
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0].keys()) == CSV_COLUMNS + TRAIN_CSV_COLUMNS
+    assert {int(r["id"]): int(r["train_instance_count"]) for r in rows} == {
+        c["id"]: c["train_instance_count"] for c in counted["per_category"]}
+
+    # the plot's x: the train instance counts (categories without any left out), rare ones named
+    points = ap_vs_frequency_points(counted)
+    assert points["f"]["x"] == [3] and points["r"]["x"] == [1]
+    assert points["named"] == [(1, by_id[21]["ap"], "cat_21")]
+    # without train counts: the ground truth's instance_count (LVIS val carries train counts)
+    plain = ap_vs_frequency_points(result)
+    assert sorted(plain["c"]["x"]) == sorted(c["instance_count"] for c in gt["categories"] if c["id"] in (11, 12, 20))
+    assert [name for *_, name in plain["named"]] == [
+        c["name"] for c in sorted((c for c in result["per_category"] if c["frequency"] == "r" and c["ap"] >= 0),
+                                  key=lambda c: -c["ap"])][:MAX_NAMED_RARE]
+    png = tmp_path / "two.png"
+    plot_ap_vs_frequency_panels({"a": counted, "b": result}, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_format_results(result):

@@ -331,31 +331,35 @@ class _Checker:
 
     def image_files(self, images: list[dict], images_dir, decode: bool, progress: bool) -> set:
         """Ids of images whose file is missing, unreadable or of the wrong size."""
-        from PIL import Image, UnidentifiedImageError
         from tqdm import tqdm
 
         bad = set()
         for rec in tqdm(images, desc="checking images", unit="img", disable=not progress):
-            file = find_image_file(rec, images_dir)
-            name = f"image id {rec['id']}"
-            problem = None
-            try:
-                with Image.open(file) as im:
-                    if im.size != (rec["width"], rec["height"]):
-                        problem = (
-                            f"file {file} is {im.size[0]}x{im.size[1]} but the record says "
-                            f"{rec['width']}x{rec['height']}"
-                        )
-                    elif decode:
-                        im.load()
-            except FileNotFoundError:
-                problem = f"image file {file} not found"
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-                problem = f"image file {file} cannot be decoded ({e})"
+            problem = image_file_problem(rec, images_dir, decode)
             if problem:
-                self.bad("images", name, problem)
+                self.bad("images", f"image id {rec['id']}", problem)
                 bad.add(rec["id"])
         return bad
+
+
+def image_file_problem(rec: dict, images_dir: str | os.PathLike, decode: bool = False) -> str | None:
+    """What is wrong with an image record's file in ``images_dir`` (missing, not an image, of
+    another size than the record says; with ``decode`` also pixels that do not decode), or
+    ``None``."""
+    from PIL import Image, UnidentifiedImageError
+
+    file = find_image_file(rec, images_dir)
+    try:
+        with Image.open(file) as im:
+            if im.size != (rec["width"], rec["height"]):
+                return f"file {file} is {im.size[0]}x{im.size[1]} but the record says {rec['width']}x{rec['height']}"
+            if decode:
+                im.load()
+    except FileNotFoundError:
+        return f"image file {file} not found"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return f"image file {file} cannot be decoded ({e})"
+    return None
 
 
 def _box_problem(bbox, image: dict) -> str | None:

@@ -71,6 +71,7 @@ conventions, frequency-group means over the precision array) is the same in both
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import math
 import os
@@ -78,8 +79,9 @@ from collections import Counter
 
 import numpy as np
 
-from drcl.data.annotations import GROUPS, Annotations, load_annotations, read_json
-from drcl.data.stats import pyplot
+from drcl.atomic import atomic_write
+from drcl.data.annotations import GROUP_NAMES, GROUPS, Annotations, load_annotations, read_json
+from drcl.data.stats import GROUP_COLORS, pyplot
 from drcl.errors import DataError, import_optional
 
 
@@ -102,8 +104,11 @@ _FCE_NAMES = {
     "APf": "APf",
 }
 
-GROUP_COLORS = {"r": "tab:red", "c": "tab:orange", "f": "tab:blue"}
 CSV_COLUMNS = ("id", "name", "frequency", "image_count", "instance_count", "ap")
+#: Added to the per-category CSV after :func:`add_train_counts`.
+TRAIN_CSV_COLUMNS = ("train_image_count", "train_instance_count")
+#: The AP-vs-frequency plot names at most this many rare categories (the highest AP first).
+MAX_NAMED_RARE = 30
 
 
 def _is_number(x) -> bool:
@@ -222,14 +227,52 @@ def _ground_truth(ann: Annotations, iou_type: str) -> tuple[dict, Counter]:
 # --------------------------------------------------------------------------- detections
 
 
+def read_detections(detections: str | os.PathLike | list) -> tuple[list, str]:
+    """A COCO-results detection list and the label that errors name: a JSON file is read (its
+    path is the label), a list is taken as is (label ``"detections"``); anything but a JSON
+    list is a one-line :class:`DataError`."""
+    if isinstance(detections, (str, os.PathLike)):
+        label = str(detections)
+        detections = read_json(label, "JSON list of detections")
+    else:
+        label = "detections"
+    _require_list(detections, label)
+    return detections, label
+
+
+def _require_list(detections, label: str) -> None:
+    if not isinstance(detections, list):
+        kind = {dict: "a JSON object", str: "a string"}.get(type(detections), type(detections).__name__)
+        raise DataError(f"{label}: expected a JSON list of detections, got {kind}")
+
+
+def validate_detections(
+    detections: list, label: str, image_ids, category_ids, on_bad: str = "error"
+) -> tuple[list[dict], int]:
+    """The bbox detections that pass :func:`detection_problem` against the ground truth's
+    ``image_ids`` (a dict keyed by image id) and ``category_ids`` (a set), and how many did not: ``on_bad="error"`` raises a
+    one-line :class:`DataError` (``LABEL: detection #N: problem``) at the first bad one,
+    ``"skip"`` drops it. The records are not copied."""
+    if on_bad not in ("error", "skip"):
+        raise ValueError(f"on_bad must be 'error' or 'skip', not {on_bad!r}")
+    if _fields_fast(detections, image_ids, category_ids, "bbox") is not None:
+        return detections, 0
+    kept = []
+    for n, d in enumerate(detections):
+        problem = detection_problem(d, image_ids, category_ids, "bbox")
+        if problem is None:
+            kept.append(d)
+        elif on_bad == "error":
+            raise DataError(f"{label}: detection #{n}: {problem}")
+    return kept, len(detections) - len(kept)
+
+
 def _detections(
     detections, label: str, gt: dict, iou_type: str, max_dets: int
 ) -> tuple[list[dict], int, int]:
     """Validated detections, capped to ``max_dets`` per image, as fresh dicts for
     faster-coco-eval; also the number capped and the number of empty masks dropped."""
-    if not isinstance(detections, list):
-        kind = {dict: "a JSON object", str: "a string"}.get(type(detections), type(detections).__name__)
-        raise DataError(f"{label}: expected a JSON list of detections, got {kind}")
+    _require_list(detections, label)
     if not detections:
         raise DataError(f"{label}: no detections (empty list)")
     sizes = {img["id"]: (int(img["height"]), int(img["width"])) for img in gt["images"]}
@@ -345,33 +388,44 @@ def _fields_fast(detections: list, sizes: dict, category_ids: set, shape_key: st
 def _fields_checked(detections: list, sizes: dict, category_ids: set, shape_key: str, bad):
     """Record-by-record version of :func:`_fields_fast` that calls ``bad(index, problem)`` at
     the first bad record."""
-    keys = ("image_id", "category_id", "score", shape_key)
     image_ids, scores, boxes = [], [], []
     for n, d in enumerate(detections):
-        if not isinstance(d, dict):
-            bad(n, f"is not a JSON object ({type(d).__name__})")
-        missing = [k for k in keys if k not in d]
-        if missing:
-            bad(n, "missing key " + ", ".join(f"'{k}'" for k in missing))
-        image_id, category_id, score = d["image_id"], d["category_id"], d["score"]
-        if not _is_int(image_id) or image_id not in sizes:
-            bad(n, f"unknown image id {image_id!r}")
-        if not _is_int(category_id) or category_id not in category_ids:
-            bad(n, f"unknown category id {category_id!r}")
-        if not _is_number(score):
-            bad(n, f"score must be a finite number, got {score!r}")
+        problem = detection_problem(d, sizes, category_ids, shape_key)
+        if problem:
+            bad(n, problem)
         if shape_key == "bbox":
-            box = d["bbox"]
-            if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)):
-                bad(n, f"bbox must be 4 finite numbers [x, y, w, h], got {box!r}")
-            if box[2] <= 0 or box[3] <= 0:
-                bad(n, f"bbox {list(box)} has non-positive width or height")
-            boxes.append([float(v) for v in box])
-        image_ids.append(image_id)
-        scores.append(float(score))
+            boxes.append([float(v) for v in d["bbox"]])
+        image_ids.append(d["image_id"])
+        scores.append(float(d["score"]))
     if shape_key != "bbox":
         return image_ids, np.array(scores, dtype=np.float64), None, None
     return image_ids, np.array(scores, dtype=np.float64), np.array(boxes, dtype=np.float64).reshape(-1, 4), boxes
+
+
+def detection_problem(d, image_ids, category_ids, shape_key: str = "bbox") -> str | None:
+    """What is wrong with one detection record, or ``None``: not an object, a missing key, an
+    image or category id not in ``image_ids`` / ``category_ids``, a score that is not a finite
+    number, a ``bbox`` that is not 4 finite numbers with positive width and height (segm
+    shapes are checked later, against the image's size)."""
+    if not isinstance(d, dict):
+        return f"is not a JSON object ({type(d).__name__})"
+    missing = [k for k in ("image_id", "category_id", "score", shape_key) if k not in d]
+    if missing:
+        return "missing key " + ", ".join(f"'{k}'" for k in missing)
+    image_id, category_id, score = d["image_id"], d["category_id"], d["score"]
+    if not _is_int(image_id) or image_id not in image_ids:
+        return f"unknown image id {image_id!r}"
+    if not _is_int(category_id) or category_id not in category_ids:
+        return f"unknown category id {category_id!r}"
+    if not _is_number(score):
+        return f"score must be a finite number, got {score!r}"
+    if shape_key == "bbox":
+        box = d["bbox"]
+        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)):
+            return f"bbox must be 4 finite numbers [x, y, w, h], got {box!r}"
+        if box[2] <= 0 or box[3] <= 0:
+            return f"bbox {list(box)} has non-positive width or height"
+    return None
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -424,11 +478,7 @@ def evaluate_detections(
     ann = gt if isinstance(gt, Annotations) else load_annotations(gt)
     gt_dict, dropped = _ground_truth(ann, iou_type)
 
-    if isinstance(detections, (str, os.PathLike)):
-        label = str(detections)
-        detections = read_json(label, "JSON list of detections")
-    else:
-        label = "detections"
+    detections, label = read_detections(detections)
     dts, capped, empty = _detections(detections, label, gt_dict, iou_type, max_dets)
     dropped["detections"] += empty
 
@@ -502,57 +552,109 @@ def format_results(result: dict) -> str:
     return "\n".join(lines)
 
 
+def add_train_counts(result: dict, train: Annotations) -> dict:
+    """Add ``train_image_count`` and ``train_instance_count`` (counted in the training file
+    ``train``, 0 for a category it lacks) to every entry of ``result["per_category"]``, in
+    place; returns ``result``. Frequency groups are left as the evaluation had them."""
+    by_id = {
+        cat["id"]: (int(images), int(instances))
+        for cat, images, instances in zip(train.categories, train.image_count, train.instance_count)
+    }
+    for cat in result["per_category"]:
+        cat["train_image_count"], cat["train_instance_count"] = by_id.get(cat["id"], (0, 0))
+    return result
+
+
 def write_per_category_csv(result: dict, path: str | os.PathLike) -> None:
     """One row per category: id, name, frequency, image_count, instance_count, ap (empty
-    cells for missing counts, -1 for an undefined AP)."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for cat in result["per_category"]:
-            writer.writerow(["" if cat.get(c) is None else cat[c] for c in CSV_COLUMNS])
+    cells for missing counts, -1 for an undefined AP), then train_image_count and
+    train_instance_count when :func:`add_train_counts` has added them."""
+    columns = CSV_COLUMNS
+    if any("train_instance_count" in cat for cat in result["per_category"]):
+        columns += TRAIN_CSV_COLUMNS
+    lines = io.StringIO(newline="")
+    writer = csv.writer(lines)
+    writer.writerow(columns)
+    for cat in result["per_category"]:
+        writer.writerow(["" if cat.get(c) is None else cat[c] for c in columns])
+    atomic_write(path, lambda f: f.write(lines.getvalue().encode()))
+
+
+def ap_vs_frequency_points(result: dict, train_counts: dict | None = None) -> dict:
+    """The points of :func:`plot_ap_vs_frequency`: per group ``{"x", "ap", "name"}`` lists,
+    and ``"named"``: the (x, ap, name) of the rare categories the plot names (at most
+    :data:`MAX_NAMED_RARE`, the highest AP first).
+
+    x is ``train_counts[category id]`` when given, else the ``train_instance_count`` that
+    :func:`add_train_counts` added, else the category record's ``instance_count``. Categories
+    with an undefined AP (-1) or without a positive count are left out."""
+    points = {g: {"x": [], "ap": [], "name": []} for g in GROUPS}
+    for cat in result["per_category"]:
+        if train_counts is not None:
+            count = train_counts.get(cat["id"])
+        elif cat.get("train_instance_count") is not None:
+            count = cat["train_instance_count"]
+        else:
+            count = cat.get("instance_count")
+        if cat["ap"] < 0 or count is None or count <= 0:
+            continue
+        group = points[cat["frequency"]]
+        group["x"].append(count)
+        group["ap"].append(cat["ap"])
+        group["name"].append(cat["name"])
+    rare = points["r"]
+    order = sorted(range(len(rare["x"])), key=lambda k: -rare["ap"][k])[:MAX_NAMED_RARE]
+    points["named"] = [(rare["x"][k], rare["ap"][k], rare["name"][k]) for k in order]
+    return points
 
 
 def plot_ap_vs_frequency(
     result: dict, path: str | os.PathLike, train_counts: dict | None = None
 ) -> None:
-    """PNG of per-category AP against the number of training images of the category (log x),
-    coloured by group (rare red, common orange, frequent blue).
+    """PNG of per-category AP against the category's number of training instances (log x),
+    coloured by group (rare red, common orange, frequent blue), the rare categories named
+    (at most :data:`MAX_NAMED_RARE`, the highest AP first).
 
-    The counts are ``train_counts[category id]`` when given, else the category's
-    ``image_count`` in the ground truth (LVIS v1 val carries the *train* counts there).
-    Categories with an undefined AP (-1) or without a positive count are left out; with nothing
-    left to plot a ``ValueError`` says why.
+    The count is ``train_counts[category id]`` when given, else the ``train_instance_count``
+    that :func:`add_train_counts` added, else the category record's ``instance_count`` (LVIS
+    v1 val carries the *train* counts there, as does ``drcl make-data``'s val file); see
+    :func:`ap_vs_frequency_points`. With nothing to plot a ``ValueError`` says why.
     """
-    points = {g: ([], []) for g in GROUPS}
-    for cat in result["per_category"]:
-        count = train_counts.get(cat["id"]) if train_counts is not None else cat.get("image_count")
-        if cat["ap"] < 0 or count is None or count <= 0:
-            continue
-        xs, ys = points[cat["frequency"]]
-        xs.append(count)
-        ys.append(cat["ap"])
-    if not any(xs for xs, _ in points.values()):
+    plot_ap_vs_frequency_panels({"": result}, path, train_counts)
+
+
+def plot_ap_vs_frequency_panels(
+    results: dict[str, dict], path: str | os.PathLike, train_counts: dict | None = None
+) -> None:
+    """:func:`plot_ap_vs_frequency` for several results side by side (``{label: result}``,
+    e.g. two initialisations scored on the same val set), with shared axes; a panel's title
+    is its label and its AP, APr, APc, APf. ``ValueError`` when no panel has a point."""
+    panels = [(label, result, ap_vs_frequency_points(result, train_counts)) for label, result in results.items()]
+    if not any(points[g]["x"] for _, _, points in panels for g in GROUPS):
         raise ValueError(
-            "nothing to plot: no category has both a defined AP and a positive training image count "
-            "(pass train_counts={category id: image count} if the ground truth has no image_count)"
+            "nothing to plot: no category has both a defined AP and a positive training instance count "
+            "(pass train_counts={category id: instances} or add_train_counts() if the ground truth has "
+            "no instance_count)"
         )
-    names = {"r": "rare", "c": "common", "f": "frequent"}
     plt = pyplot("the AP-vs-frequency plot")
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for g in GROUPS:
-        xs, ys = points[g]
-        if xs:
-            ax.scatter(xs, ys, s=14, alpha=0.75, color=GROUP_COLORS[g], label=f"{names[g]} ({len(xs)})")
-    ax.set_xscale("log")
-    ax.set_xlabel("training images containing the category")
-    ax.set_ylabel(f"{result.get('iou_type', '')} AP".strip())
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(
-        "   ".join(f"{m} {'-' if result[m] < 0 else format(result[m], '.3f')}" for m in ("AP", "APr", "APc", "APf")),
-        fontsize=10,
-    )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="best", fontsize=9)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.8), dpi=120, squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, (label, result, points) in zip(axes[0], panels):
+        for g in GROUPS:
+            xs, ys = points[g]["x"], points[g]["ap"]
+            if xs:
+                ax.scatter(xs, ys, s=14, alpha=0.75, color=GROUP_COLORS[g], label=f"{GROUP_NAMES[g]} ({len(xs)})")
+        for x, y, name in points["named"]:
+            ax.annotate(name, (x, y), xytext=(3, 2), textcoords="offset points", fontsize=6, color=GROUP_COLORS["r"])
+        ax.set_xscale("log")
+        ax.set_xlabel("training instances of the category (log scale)")
+        ax.set_ylabel(f"{result.get('iou_type', '')} AP".strip())
+        ax.set_ylim(-0.02, 1.02)
+        numbers = "   ".join(f"{m} {'-' if result[m] < 0 else format(result[m], '.3f')}"
+                             for m in ("AP", "APr", "APc", "APf"))
+        ax.set_title(f"{label}: {numbers}" if label else numbers, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="best", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
