@@ -1,4 +1,5 @@
 import json
+import math
 
 from drcl.demo import run_demo
 
@@ -25,7 +26,9 @@ def test_demo_writes_a_report_with_both_rows(tmp_path):
         assert f"({png}.png)" in text
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(results["2drcl"]) >= {"AP", "APr", "APc", "APf"}
-    # the baseline fine-tuned longer: the pre-training's time in fine-tuning iterations
-    assert results["extra"] >= 1
+    # the baseline fine-tuned longer: the pre-training's counted FLOPs in fine-tuning steps
+    assert results["extra"] == math.ceil(3 * results["pretrain_flops_per_iter"] / results["finetune_flops_per_iter"])
+    assert "| stage | iterations | minutes | s / iteration |" in text
+    assert f"| fine-tuning from random init (+ evaluation) | {3 + results['extra']} |" in text
     rows = (tmp_path / "demo" / "finetune-random" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(rows[-1])["iter"] == 3 + results["extra"]

@@ -4,8 +4,9 @@
 2. pre-train the tiny preset with 2DRCL;
 3. fine-tune a Faster R-CNN from the 2DRCL weights;
 4. fine-tune a baseline from random init with the same total compute: its fine-tuning gets
-   the extra iterations that the pre-training's wall-clock time buys at the fine-tuning's
-   measured seconds per iteration (same sampler, same schedule shape);
+   the extra iterations that the pre-training's counted FLOPs buy at a fine-tuning step's
+   counted FLOPs (forward + backward, :mod:`drcl.engine.trainer`; same sampler, same schedule
+   shape), so a busy machine does not change the baseline's length;
 5. evaluate both under LVIS rules and write ``OUT/report.md`` with the table (every metric the
    evaluator gives: AP, AP50, AP75, APs, APm, APl, APr, APc, APf, as fractions like
    ``drcl evaluate`` prints them, for both and the difference) and plots: class frequency,
@@ -68,25 +69,30 @@ def run_demo(out: str | Path, sizes: dict = DEMO) -> Path:
     print("[2/5] pre-training with 2DRCL")
     pre_cfg = load_config("tiny", _overrides(data, sizes, sizes["pretrain_iters"],
                                                            ["train.warmup_iters=10", "sampler.updates=10"]))
+    stages = {}
     start = time.perf_counter()
-    pretrain(pre_cfg, out / "pretrain")
-    pretrain_seconds = time.perf_counter() - start
+    pre = pretrain(pre_cfg, out / "pretrain")
+    stages["pre-training"] = (time.perf_counter() - start, sizes["pretrain_iters"])
 
     print("[3/5] fine-tuning from the 2DRCL weights")
     ft_iters = sizes["finetune_iters"]
     ft_cfg = load_config("tiny_finetune", _overrides(data, sizes, ft_iters))
     start = time.perf_counter()
-    drcl_eval = finetune(ft_cfg, out / "finetune-2drcl", init=str(out / "pretrain" / "encoder.pt"))["eval"]
-    ft_seconds_per_iter = (time.perf_counter() - start) / ft_iters  # includes the evaluation: conservative
-    extra = math.ceil(pretrain_seconds / ft_seconds_per_iter)
+    drcl_run = finetune(ft_cfg, out / "finetune-2drcl", init=str(out / "pretrain" / "encoder.pt"))
+    stages["fine-tuning from 2DRCL (+ evaluation)"] = (time.perf_counter() - start, ft_iters)
+    extra = math.ceil(sizes["pretrain_iters"] * pre["flops_per_iter"] / drcl_run["flops_per_iter"])
 
-    print(f"[4/5] fine-tuning the random-init baseline for {ft_iters} + {extra} iterations (same compute)")
+    print(f"[4/5] fine-tuning the random-init baseline for {ft_iters} + {extra} iterations (same counted compute)")
     base_cfg = load_config("tiny_finetune", _overrides(data, sizes, ft_iters + extra))
+    start = time.perf_counter()
     base_eval = finetune(base_cfg, out / "finetune-random")["eval"]
+    stages["fine-tuning from random init (+ evaluation)"] = (time.perf_counter() - start, ft_iters + extra)
 
     print("[5/5] writing the report")
-    report = write_report(out, data, pre_cfg, drcl_eval["bbox"], base_eval["bbox"],
-                          {"pretrain_s": pretrain_seconds, "ft_iters": ft_iters, "extra": extra})
+    report = write_report(out, data, pre_cfg, drcl_run["eval"]["bbox"], base_eval["bbox"],
+                          {"ft_iters": ft_iters, "extra": extra, "pretrain_flops_per_iter": pre["flops_per_iter"],
+                           "finetune_flops_per_iter": drcl_run["flops_per_iter"],
+                           "stages": {k: {"seconds": v[0], "iterations": v[1]} for k, v in stages.items()}})
     print(f"report: {report}")
     return report
 
@@ -279,6 +285,14 @@ def plot_per_class(out: Path, data: Path, drcl: dict, base: dict) -> None:
     plot_detections_side_by_side(val, runs, data / "images" / "val", out / "detections.png", group, max_images=4)
 
 
+def stage_table(stages: dict) -> list[str]:
+    """Each stage's wall time and seconds per iteration (evaluation included where it says so)."""
+    lines = ["| stage | iterations | minutes | s / iteration |", "|---|---:|---:|---:|"]
+    for name, s in stages.items():
+        lines.append(f"| {name} | {s['iterations']} | {s['seconds'] / 60:.1f} | {s['seconds'] / s['iterations']:.2f} |")
+    return lines
+
+
 def write_report(out: Path, data: Path, pre_cfg: dict, drcl: dict, base: dict, info: dict) -> Path:
     train_json = data / "annotations" / "train.json"
     stats = category_stats(load_annotations(train_json))
@@ -295,9 +309,13 @@ def write_report(out: Path, data: Path, pre_cfg: dict, drcl: dict, base: dict, i
         f"Generated long-tailed data: {stats['images']} train images, {stats['annotations']} instances, "
         f"{len(stats['categories'])} categories ("
         + ", ".join(f"{groups[g]['categories']} {groups[g]['name']}" for g in GROUPS) + ").",
-        f"2DRCL pre-training: {pre_cfg['train']['max_iters']} iterations ({info['pretrain_s'] / 60:.1f} min). "
-        f"Fine-tuning: {info['ft_iters']} iterations from the 2DRCL weights; the random-init baseline gets "
-        f"{info['ft_iters']} + {info['extra']} iterations, the extra ones worth the pre-training's time.",
+        f"2DRCL pre-training: {pre_cfg['train']['max_iters']} iterations of "
+        f"{info['pretrain_flops_per_iter'] / 1e9:.0f} GFLOP each. Fine-tuning: {info['ft_iters']} iterations "
+        f"({info['finetune_flops_per_iter'] / 1e9:.0f} GFLOP each) from the 2DRCL weights; the random-init baseline "
+        f"gets {info['ft_iters']} + {info['extra']} iterations, the extra ones worth the pre-training's counted FLOPs "
+        "(forward + backward of one step of each kind; data loading and augmentation not counted).",
+        "",
+        *stage_table(info["stages"]),
         "",
         *results_table(drcl, base),
         "",
