@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-images", type=int, default=1000)
     p.add_argument("--val-images", type=int, default=200)
     p.add_argument("--image-size", type=int, default=160)
-    p.add_argument("--imbalance", type=float, default=200.0, help="largest / smallest class instance count")
+    p.add_argument("--imbalance", type=float, default=200.0,
+                   help="largest / smallest class instance count (1: balanced)")
+    p.add_argument("--first-class", type=int, default=1,
+                   help="first category id: ids FIRST..FIRST+CLASSES-1, each id always the same appearance, so "
+                        "sets with non-overlapping id ranges share no class (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_data)
 
@@ -132,6 +136,7 @@ def cmd_make_data(args) -> int:
             image_size=args.image_size,
             imbalance=args.imbalance,
             seed=args.seed,
+            first_class=args.first_class,
         )
     except ValueError as e:
         print(f"drcl make-data: error: {e}", file=sys.stderr)
