@@ -24,6 +24,11 @@ def _add_on_bad(p: argparse.ArgumentParser) -> None:
     )
 
 
+INIT_HELP = ("start 2DRCL's encoder from these weights (overrides model.init): a torchvision ImageNet "
+             "classifier file or 'imagenet' (the torch cache's), a drcl upstream / pretrain / finetune run "
+             "or its file, or a torchvision, detectron2 or mmdet detector checkpoint; see OUT/init.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drcl",
@@ -63,13 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, tb/, checkpoints/")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_iters=20 (repeatable)")
+    p.add_argument("--init", metavar="WEIGHTS", help=INIT_HELP)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="train a Faster / Mask R-CNN (optionally from a 2DRCL run), then evaluate")
     p.add_argument("--config", required=True, help="YAML config (e.g. configs/tiny_finetune.yaml)")
     p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints/, eval/")
-    p.add_argument("--init", help="2DRCL weights: a pretrain run's encoder.pt, checkpoints/last.pt or folder")
+    p.add_argument("--init", metavar="WEIGHTS", help=INIT_HELP.replace("2DRCL's encoder", "the detector"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
@@ -221,6 +227,8 @@ def _train_command(args, run) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if getattr(args, "init", None):
+            cfg["model"]["init"] = args.init  # the flag overrides the config key
         run(cfg)
     except (ConfigError, ResumeError, FileExistsError, FileNotFoundError) as e:
         raise _UsageError(str(e)) from None
@@ -239,8 +247,7 @@ def cmd_pretrain(args) -> int:
 def cmd_finetune(args) -> int:
     from drcl.finetune import finetune
 
-    return _train_command(args, lambda cfg: finetune(cfg, args.out, init=args.init, resume=args.resume,
-                                                     evaluate=not args.no_eval))
+    return _train_command(args, lambda cfg: finetune(cfg, args.out, resume=args.resume, evaluate=not args.no_eval))
 
 
 def cmd_evaluate(args) -> int:
