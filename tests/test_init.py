@@ -62,7 +62,8 @@ def _make(layout, tmp_path):
         run = tmp_path / "run"
         (run / "checkpoints").mkdir(parents=True)
         torch.save({"model": model.state_dict(), "iteration": 5}, run / "checkpoints" / "last.pt")
-        return run, _encoder_only(_source()), PARTS, {"online.hcl_projector", "online.lcl_projector", "momentum.encoder",
+        return run, _encoder_only(_source()), PARTS, {"online.hcl_projector", "online.lcl_projector", "momentum.encoder.backbone.body",
+                                                      "momentum.encoder.backbone.fpn", "momentum.encoder.roi_heads.box_head",
                                                       "momentum.hcl_projector", "momentum.lcl_projector", "decoder",
                                                       "hcl_queue", "lcl_queue"}
     if layout == "torchvision":  # a drcl finetune checkpoint: a whole torchvision detector

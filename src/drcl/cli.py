@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_on_bad(p)
     p.set_defaults(func=cmd_stats)
 
+    p = sub.add_parser("upstream", help="supervised classifier backbone on a dataset's box crops (an ImageNet "
+                                        "stand-in that --init reads)")
+    p.add_argument("--config", required=True, help="YAML config (e.g. configs/tiny_upstream.yaml)")
+    p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints/, classifier.pt")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.set_defaults(func=cmd_upstream)
+
     p = sub.add_parser("pretrain", help="2DRCL pre-training (torchrun for several processes)")
     p.add_argument("--config", required=True, help="YAML config (see configs/ and docs/config.md)")
     p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, tb/, checkpoints/")
@@ -236,6 +245,12 @@ def _train_command(args, run) -> int:
         print(f"drcl {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     return 0
+
+
+def cmd_upstream(args) -> int:
+    from drcl.upstream import upstream
+
+    return _train_command(args, lambda cfg: upstream(cfg, args.out, resume=args.resume))
 
 
 def cmd_pretrain(args) -> int:

@@ -134,6 +134,8 @@ def read_init(path: str | os.PathLike) -> InitWeights:
 def module_of(key: str) -> str:
     """The module a tensor belongs to, for reports: ``backbone.body``, ``rpn.head``, ``fc``."""
     parts = key.split(".")
+    if parts[1:2] == ["encoder"] and parts[0] in ("online", "momentum"):  # 2DRCL's encoders
+        return ".".join(parts[:4])
     return ".".join(parts[:2] if parts[0] in _TWO_PART else parts[:1])
 
 
