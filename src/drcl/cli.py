@@ -27,6 +27,11 @@ def _add_on_bad(p: argparse.ArgumentParser) -> None:
     )
 
 
+INIT_HELP = ("start 2DRCL's encoder from these weights (overrides model.init): a torchvision ImageNet "
+             "classifier file or 'imagenet' (the torch cache's), a drcl upstream / pretrain / finetune run "
+             "or its file, or a torchvision, detectron2 or mmdet detector checkpoint; see OUT/init.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drcl",
@@ -41,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-images", type=int, default=1000)
     p.add_argument("--val-images", type=int, default=200)
     p.add_argument("--image-size", type=int, default=160)
-    p.add_argument("--imbalance", type=float, default=200.0, help="largest / smallest class instance count")
+    p.add_argument("--imbalance", type=float, default=200.0,
+                   help="largest / smallest class instance count (1: balanced)")
+    p.add_argument("--first-class", type=int, default=1,
+                   help="first category id: ids FIRST..FIRST+CLASSES-1, each id always the same appearance, so "
+                        "sets with non-overlapping id ranges share no class (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-objects", type=int, default=6,
                    help="objects per image are 1..N (default 6); more makes crowded scenes (smaller objects) "
@@ -64,18 +73,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_on_bad(p)
     p.set_defaults(func=cmd_stats)
 
+    p = sub.add_parser("upstream", help="supervised classifier backbone on a dataset's box crops (an ImageNet "
+                                        "stand-in that --init reads)")
+    p.add_argument("--config", required=True, help="YAML config (e.g. configs/tiny_upstream.yaml)")
+    p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints/, classifier.pt")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.set_defaults(func=cmd_upstream)
+
     p = sub.add_parser("pretrain", help="2DRCL pre-training (torchrun for several processes)")
     p.add_argument("--config", required=True, help="YAML config (see configs/ and docs/config.md)")
     p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, tb/, checkpoints/")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_iters=20 (repeatable)")
+    p.add_argument("--init", metavar="WEIGHTS", help=INIT_HELP)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="train a Faster / Mask R-CNN (optionally from a 2DRCL run), then evaluate")
     p.add_argument("--config", required=True, help="YAML config (e.g. configs/tiny_finetune.yaml)")
     p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints/, eval/")
-    p.add_argument("--init", help="2DRCL weights: a pretrain run's encoder.pt, checkpoints/last.pt or folder")
+    p.add_argument("--init", metavar="WEIGHTS", help=INIT_HELP.replace("2DRCL's encoder", "the detector"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
@@ -183,6 +202,7 @@ def cmd_make_data(args) -> int:
             imbalance=args.imbalance,
             seed=args.seed,
             max_objects=args.max_objects,
+            first_class=args.first_class,
         )
     except ValueError as e:
         print(f"drcl make-data: error: {e}", file=sys.stderr)
@@ -300,6 +320,8 @@ def _train_command(args, run) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if getattr(args, "init", None):
+            cfg["model"]["init"] = args.init  # the flag overrides the config key
         run(cfg)
     except (ConfigError, ResumeError, FileExistsError, FileNotFoundError) as e:
         raise _UsageError(str(e)) from None
@@ -307,6 +329,12 @@ def _train_command(args, run) -> int:
         print(f"drcl {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     return 0
+
+
+def cmd_upstream(args) -> int:
+    from drcl.upstream import upstream
+
+    return _train_command(args, lambda cfg: upstream(cfg, args.out, resume=args.resume))
 
 
 def cmd_pretrain(args) -> int:
@@ -318,8 +346,7 @@ def cmd_pretrain(args) -> int:
 def cmd_finetune(args) -> int:
     from drcl.finetune import finetune
 
-    return _train_command(args, lambda cfg: finetune(cfg, args.out, init=args.init, resume=args.resume,
-                                                     evaluate=not args.no_eval))
+    return _train_command(args, lambda cfg: finetune(cfg, args.out, resume=args.resume, evaluate=not args.no_eval))
 
 
 def cmd_evaluate(args) -> int:

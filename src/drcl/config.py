@@ -49,7 +49,7 @@ DEFAULTS: dict = {
         "schedule_steps": 4,
         "updates": 20,
     },
-    "model": {**{f.name: f.default for f in fields(DRCLConfig)}, "masks": False},
+    "model": {**{f.name: f.default for f in fields(DRCLConfig)}, "masks": False, "init": None},
     "train": {
         "max_iters": 250,
         "batch_size": 4,

@@ -123,7 +123,9 @@ def _column(fmt: str) -> int:
     return FORMATS.index(fmt)
 
 
-def _rename(state_dict: dict, src: int, dst: int, norm: str, what: str) -> dict:
+def _rename(state_dict: dict, src: int, dst: int, norm: str, what: str, strict: bool = True):
+    """Keys of ``state_dict`` from column ``src`` to ``dst``. ``strict``: a key outside the
+    table is an error; else ``(renamed, keys outside the table)``."""
     out, unknown = {}, []
     for key, value in state_dict.items():
         if key.endswith("." + _SKIP):
@@ -138,6 +140,8 @@ def _rename(state_dict: dict, src: int, dst: int, norm: str, what: str) -> dict:
                 break
         else:
             unknown.append(key)
+    if not strict:
+        return out, unknown
     if unknown:
         more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
         raise ValueError(
@@ -180,12 +184,12 @@ def _norm_family(norm: str) -> str:
     return family
 
 
-def _check_norm(source: str, target: str | None) -> None:
+def _check_norm(source: str, target: str | None, prefix: str = "") -> None:
     if target is None:
         return
     if _norm_family(target) != source:
         raise ValueError(
-            f"normalisation mismatch: the weights come from {_NORM_NAME[source]} norm layers but "
+            f"normalisation mismatch: {prefix}the weights come from {_NORM_NAME[source]} norm layers but "
             f"the target uses {target!r} ({_NORM_NAME[_norm_family(target)]}); loading them would "
             f"leave the norm layers half-initialised. Build the target with the norm the weights "
             f"were pre-trained with ({'gn' if source == 'gn' else 'bn / frozen_bn'})."
@@ -219,6 +223,15 @@ def import_weights(state_dict: dict, fmt: str) -> dict:
     return {k: _tensor(v) for k, v in renamed.items()}
 
 
+def import_encoder(state_dict: dict, fmt: str) -> tuple[dict, list[str]]:
+    """The backbone / FPN / box-head part of a whole detector's weights in ``fmt``'s layout
+    (flat: unwrap containers first), under torchvision keys, and the keys left out (RPN,
+    box predictor, mask head, detectron2's pixel mean / std, ...). BatchNorm step counters are
+    dropped without being listed."""
+    renamed, other = _rename(state_dict, _column(fmt), 0, "bn", f"import from {fmt}", strict=False)
+    return {k: _tensor(v) for k, v in renamed.items()}, other
+
+
 def _model_norm(detector: nn.Module) -> str:
     for module in detector.backbone.body.modules():
         if isinstance(module, nn.GroupNorm):
@@ -228,22 +241,42 @@ def _model_norm(detector: nn.Module) -> str:
     raise ValueError("the detector's backbone has no normalisation layers")
 
 
+#: The parts of a detector that encoder weights hold; each loads whole or not at all.
+ENCODER_PARTS = ("backbone.body.", "backbone.fpn.", "roi_heads.box_head.")
+
+
 def load_into_detector(detector: nn.Module, state_dict: dict):
-    """Load encoder weights into a torchvision Faster / Mask R-CNN (``build_detector`` or
-    torchvision's stock builders) with ``strict=False``, after checking that the norm layers
-    and every shape match. Returns ``load_state_dict``'s (missing_keys, unexpected_keys):
-    missing are the parts 2DRCL does not pre-train (RPN, box predictor, mask head)."""
-    sd = export_weights(state_dict, "torchvision", norm=_model_norm(detector))
+    """Load encoder weights (torchvision keys) into a torchvision Faster / Mask R-CNN
+    (``build_detector`` or torchvision's stock builders) or an :class:`~drcl.model.detector.Encoder`
+    with ``strict=False``, after checking them against the model: the norm family, then every
+    key and shape in the weights' order, then that each of :data:`ENCODER_PARTS` the weights
+    hold at all they hold whole (ResNet-50 weights lack ResNet-101's extra blocks but fit every
+    shape). A mismatch is a one-line ``ValueError`` that names the first mismatching tensor.
+    Weights may lack a whole part (ImageNet weights: FPN and box head). Returns
+    ``load_state_dict``'s (missing_keys, unexpected_keys): missing are the parts the weights do
+    not hold (RPN, box predictor, mask head, ...)."""
     target = detector.state_dict()
-    absent = [k for k in sd if k not in target]
-    if absent:
-        raise ValueError(f"{len(absent)} exported key(s) do not exist in the detector, e.g. {absent[0]!r}: "
-                         f"a different architecture")
-    wrong = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in sd.items() if v.shape != target[k].shape]
-    if wrong:
-        k, have, want = wrong[0]
-        raise ValueError(f"{len(wrong)} shape mismatch(es), e.g. {k}: weights {have} vs detector {want}: "
-                         f"the weights come from a different preset (backbone depth or box-head width)")
+    source, want = detect_norm(state_dict), _model_norm(detector)
+    if source != want:
+        stats = [k for k in (state_dict if source == "bn" else target) if k.endswith(".running_mean")]
+        side = "in the weights, not in the model" if source == "bn" else "in the model, not in the weights"
+        where = f"first mismatching tensor {stats[0]} ({side}): " if stats else ""
+        _check_norm(source, want, prefix=where)
+    sd = export_weights(state_dict, "torchvision")
+    for k, v in sd.items():
+        if k not in target:
+            raise ValueError(f"first mismatching tensor {k}: the model has no such tensor (a different "
+                             f"architecture or a deeper backbone)")
+        if v.shape != target[k].shape:
+            raise ValueError(f"shape mismatch at {k} (the first mismatching tensor): weights {tuple(v.shape)} vs "
+                             f"model {tuple(target[k].shape)}: the weights come from a different preset "
+                             f"(backbone depth, FPN or box-head width)")
+    for part in ENCODER_PARTS:
+        if any(k.startswith(part) for k in sd):
+            lacking = [k for k in target if k.startswith(part) and k not in sd and not k.endswith("." + _SKIP)]
+            if lacking:
+                raise ValueError(f"first mismatching tensor {lacking[0]}: missing from the weights, which hold the "
+                                 f"rest of {part.rstrip('.')} ({len(lacking)} tensors lacking): a shallower backbone")
     return detector.load_state_dict(sd, strict=False)
 
 

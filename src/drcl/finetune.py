@@ -2,9 +2,11 @@
 set under LVIS rules.
 
 The detector comes from the config's preset (``model.preset``, ``model.norm``; Mask R-CNN when
-``model.masks`` is true and the training file has segmentations). ``--init`` loads backbone,
-FPN and box head from a 2DRCL run (its ``encoder.pt`` or ``checkpoints/last.pt``) and reports
-which tensors were loaded and which start from random init (RPN, box predictor, mask head);
+``model.masks`` is true and the training file has segmentations). ``--init`` (``model.init``)
+loads backbone, FPN and box head from a 2DRCL run (its ``encoder.pt`` or
+``checkpoints/last.pt``) or any other layout :mod:`drcl.weights` reads (ImageNet classifiers:
+the backbone only; torchvision / detectron2 / mmdet detectors) and reports which tensors were
+loaded and which start from random init (RPN, box predictor, mask head; ``OUT/init.json``);
 ``model.imagenet`` starts the backbone from torchvision's ImageNet weights instead. Training
 uses the same loop as pre-training (:mod:`drcl.engine.trainer`): sampler ``random | rfs |
 irfs | dynamic``, atomic checkpoints, exact resume, DDP, AMP, progress bar and logs.
@@ -17,7 +19,6 @@ plot of AP against training frequency.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,37 +28,31 @@ from drcl.config import require
 from drcl.data.annotations import Annotations, load_annotations
 from drcl.data.dataset import DetectionDataset, collate, mask_api
 from drcl.atomic import write_json
-from drcl.engine.checkpoint import encoder_weights, load_checkpoint
+from drcl.engine.checkpoint import load_checkpoint
 from drcl.engine.distributed import cleanup
 from drcl.engine.trainer import Task, make_loader, prepare_run, train
 from drcl.errors import DataError, MissingDependency
 from drcl.evaluation.inference import predict
 from drcl.evaluation.lvis_eval import (add_train_counts, check_evaluator, evaluate_detections, format_results,
                                        plot_ap_vs_frequency, write_per_category_csv)
-from drcl.export import load_into_detector
 from drcl.model.detector import build_detector
+from drcl.weights import init_model, summary_line, write_report
 
-def _summarise(keys) -> str:
-    groups = Counter(".".join(k.split(".")[:2]) for k in keys)
-    return ", ".join(f"{g} ({n})" for g, n in sorted(groups.items()))
-
-
-def build_model(cfg: dict, ann: Annotations, init: str | None = None, verbose: bool = True):
-    """The detector for ``ann``'s categories, initialised from ``init`` when given."""
+def build_model(cfg: dict, ann: Annotations, init: str | None = None, verbose: bool = True, out_dir=None):
+    """The detector for ``ann``'s categories, initialised from ``init`` when given (any layout
+    :mod:`drcl.weights` reads); with ``verbose`` one line says what was loaded and, with
+    ``out_dir``, ``OUT/init.json`` lists it."""
     m, e = cfg["model"], cfg["eval"]
     masks = m["masks"] and any("segmentation" in a for a in ann.annotations)
     detector = build_detector(m["preset"], num_classes=ann.num_categories + 1, norm=m["norm"], masks=masks,
                               imagenet=m["imagenet"], box_score_thresh=e["score_threshold"],
                               box_detections_per_img=e["max_dets"])
     if init is not None:
-        try:
-            missing, unexpected = load_into_detector(detector, encoder_weights(init))
-        except ValueError as err:
-            raise DataError(f"{init}: cannot initialise the {m['preset']} detector ({err})") from None
-        loaded = [k for k in detector.state_dict() if k not in missing]
+        report = init_model(detector, init, m["preset"], m["norm"])
         if verbose:
-            print(f"initialised from {init}: loaded {len(loaded)} tensors: {_summarise(loaded)}")
-            print(f"  new (random init): {_summarise(missing)}")
+            print(summary_line(report))
+            if out_dir is not None:
+                write_report(report, out_dir)
     return detector, masks
 
 
@@ -114,7 +109,9 @@ def finetune(cfg: dict, out_dir: str | os.PathLike, init: str | None = None, res
     try:
         if evaluate and d["val_json"] and not info.distributed:
             check_evaluator()  # now, not after training
-        detector, masks = build_model(cfg, ann, None if resume else init, verbose=info.is_main)
+        init = init if init is not None else cfg["model"]["init"]
+        # a resumed run continues from its checkpoint, not from its init
+        detector, masks = build_model(cfg, ann, None if resume else init, verbose=info.is_main, out_dir=out_dir)
         if masks:
             mask_api()  # now, not in a data loader worker
         detector.to(device)

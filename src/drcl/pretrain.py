@@ -3,10 +3,13 @@
 Annotations -> dataset with a box source (ground truth, proposals or random boxes) and two
 box-aware views -> repeat-factor sampler (dynamic: alpha from ``sampler.alpha_start`` to
 ``sampler.alpha_end`` over the run) -> :class:`~drcl.model.drcl.DRCL`, whose momentum encoder is
-updated after every step with m from ``train.momentum_base`` to 1. The loop, checkpoints and
-logs are :mod:`drcl.engine.trainer`'s; the training-health signals and warnings
-:mod:`drcl.engine.health`'s (also in ``OUT/health.json`` at the end). At the end ``OUT/encoder.pt`` holds the online encoder
-under torchvision detector keys (backbone, FPN, box head) for fine-tuning.
+updated after every step with m from ``train.momentum_base`` to 1. ``model.init`` (``--init``)
+starts the online encoder from other weights, and the momentum encoder as its copy
+(:mod:`drcl.weights`; ``OUT/init.json`` lists what was loaded; a resumed run continues from its
+checkpoint instead). The loop, checkpoints and logs are :mod:`drcl.engine.trainer`'s; the
+training-health signals and warnings :mod:`drcl.engine.health`'s (also in ``OUT/health.json``
+at the end). At the end ``OUT/encoder.pt`` holds the online encoder under torchvision detector
+keys (backbone, FPN, box head) for fine-tuning.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from drcl.data.dataset import DetectionDataset
 from drcl.engine.distributed import cleanup
 from drcl.engine.health import Health, fixed_batch
 from drcl.engine.trainer import NonFiniteLoss, Task, make_loader, prepare_run, train
-from drcl.model.drcl import DRCL, TERMS
+from drcl.model.drcl import DRCL, ENCODER_PREFIX, TERMS
 from drcl.model.memory import momentum_at
 from drcl.views import TwoViewTransform, collate_views
+from drcl.weights import init_model, summary_line, write_report
 
 __all__ = ["NonFiniteLoss", "pretrain"]
 
@@ -47,6 +51,18 @@ def _forward(model, batch, generator, weights):
     return model(images1, images2, targets1, targets2, weights, generator)
 
 
+def start_from(model: DRCL, cfg: dict, out_dir, report: bool = True) -> dict:
+    """Load ``model.init`` into the online encoder, copy it into the momentum encoder, print
+    one line and write ``OUT/init.json`` (when ``report``)."""
+    m = cfg["model"]
+    result = init_model(model, m["init"], m["preset"], m["norm"], prefix=ENCODER_PREFIX, skip=("momentum.",))
+    model.reset_momentum()
+    if report:
+        print(summary_line(result, ENCODER_PREFIX) + "; momentum encoder: a copy")
+        write_report(result, out_dir, momentum="a copy of the online encoder after loading")
+    return result
+
+
 def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dict:
     """Run (or resume) pre-training into ``out_dir``: ``config.yaml``, ``metrics.jsonl``,
     ``tb/``, ``checkpoints/last.pt`` and, at the end, ``encoder.pt``."""
@@ -62,7 +78,10 @@ def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
         views = TwoViewTransform(size=d["image_size"], scale=tuple(d["crop_scale"]))
         dataset = DetectionDataset(ann, transforms=_Compose(source, views), masks=False)
         sampler, loader, round_iters = make_loader(cfg, ann, dataset, collate_views, info)
-        model = DRCL(drcl_config(cfg)).to(device)
+        model = DRCL(drcl_config(cfg))
+        if cfg["model"]["init"] and not resume:  # a resumed run continues from its checkpoint
+            start_from(model, cfg, out_dir, info.is_main)
+        model.to(device)
         health = Health(model, fixed_batch(DetectionDataset(ann, masks=False), d["image_size"]),
                         every=t["health_every"], warmup=t["warmup_iters"], max_iters=t["max_iters"],
                         say=tqdm.write if info.is_main else (lambda text: None))

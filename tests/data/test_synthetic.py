@@ -348,3 +348,32 @@ def test_crowded_scenes_have_more_objects_than_lcl_takes():
 def test_max_objects_out_of_range(bad):
     with pytest.raises(ValueError, match="max_objects"):
         syn.plan_dataset(max_objects=bad)
+
+
+# --------------------------------------------------------------------------- disjoint class ranges
+
+
+def test_first_class_shifts_ids_and_appearances_balanced_with_imbalance_1():
+    target = syn.plan_dataset(classes=8, train_images=40, val_images=8, image_size=64, imbalance=20.0, seed=0)
+    upstream = syn.plan_dataset(classes=12, train_images=60, val_images=8, image_size=64, imbalance=1.0, seed=0,
+                                first_class=9)
+    content = syn.lvis_dicts(upstream)["train"]
+    ids = [c["id"] for c in content["categories"]]
+    assert ids == list(range(9, 21))
+    assert {a["category_id"] for a in content["annotations"]} == set(ids)
+    # an id looks the same in every dataset; the two sets share no appearance
+    assert [c["name"] for c in content["categories"]] == [syn.class_spec(i).name for i in ids]
+    target_names = {c["name"] for c in syn.lvis_dicts(target)["train"]["categories"]}
+    assert not target_names & {c["name"] for c in content["categories"]}
+    # imbalance 1: every class has the same number of instances, within one
+    counts = Counter(a["category_id"] for a in content["annotations"])
+    assert max(counts.values()) - min(counts.values()) <= 1
+    assert all(set(im["neg_category_ids"]) <= set(ids) for im in content["images"])
+    assert all(c["instance_count"] == counts[c["id"]] for c in content["categories"])
+
+
+def test_first_class_range_is_checked():
+    with pytest.raises(ValueError, match="first_class"):
+        syn.plan_dataset(classes=10, train_images=4, val_images=4, first_class=syn.MAX_CLASSES - 8)
+    with pytest.raises(ValueError, match="first_class"):
+        syn.plan_dataset(classes=10, train_images=4, val_images=4, first_class=0)

@@ -18,7 +18,10 @@ that differ from it in one attribute only (a red-white striped circle next to a 
 striped square, a red-white vertically striped circle and a white-red striped circle): the
 classes are fine-grained, and a tail class can only be told from its head siblings by
 detail. A class's appearance is a function of its id alone (:func:`class_spec`), never of
-the seed.
+the seed. ``first_class`` shifts the ids a dataset uses (``classes`` ids from ``first_class``
+on), so two datasets can have disjoint classes: the upstream set that stands in for ImageNet
+(``make-data --first-class 61 --imbalance 1``) shares no class with a default 60-class target
+set, only the attribute values that its classes combine differently.
 
 Counts. The seed decides which class gets which frequency rank (a seeded permutation). Train
 instance counts fall geometrically with rank, the largest about ``imbalance`` times the
@@ -337,6 +340,11 @@ class DatasetPlan:
     seed: int
     train: tuple[ImagePlan, ...]
     val: tuple[ImagePlan, ...]
+    first_class: int = 1
+
+    @property
+    def category_ids(self) -> range:
+        return range(self.first_class, self.first_class + self.classes)
 
 
 def _rng(seed: int, split: str, purpose: int, index: int = 0) -> np.random.Generator:
@@ -374,10 +382,11 @@ def _objects_per_image(
     return k
 
 
-def _label_sequence(rng: np.random.Generator, counts: np.ndarray) -> np.ndarray:
-    """Category ids, counts[i] times id i+1, in shuffled runs (long runs for gregarious ids)."""
+def _label_sequence(rng: np.random.Generator, counts: np.ndarray, first_class: int = 1) -> np.ndarray:
+    """Category ids, counts[i] times id first_class + i, in shuffled runs (long runs for
+    gregarious ids)."""
     runs = []
-    for cid, n in enumerate(counts.tolist(), start=1):
+    for cid, n in enumerate(counts.tolist(), start=first_class):
         mean = GREGARIOUS_RUN if cid % 3 == 0 else 1.0
         while n > 0:
             length = min(n, int(rng.geometric(1.0 / mean)))
@@ -469,11 +478,11 @@ def _class_counts(
 
 def _plan_split(
     seed: int, split: str, n_images: int, first_id: int, size: int, classes: int, imbalance,
-    max_objects: int = MAX_OBJECTS,
+    max_objects: int = MAX_OBJECTS, first_class: int = 1,
 ) -> tuple[ImagePlan, ...]:
     rng = _rng(seed, split, _COUNTS)
     k = _objects_per_image(rng, n_images, classes, max_objects)
-    labels = _label_sequence(rng, _class_counts(rng, int(k.sum()), classes, imbalance))
+    labels = _label_sequence(rng, _class_counts(rng, int(k.sum()), classes, imbalance), first_class)
     chunks = np.split(labels, np.cumsum(k)[:-1])
     scale = _size_scale(max_objects)
     return tuple(
@@ -481,7 +490,7 @@ def _plan_split(
     )
 
 
-def _check_args(classes, train_images, val_images, image_size, imbalance, seed, max_objects) -> None:
+def _check_args(classes, train_images, val_images, image_size, imbalance, seed, max_objects, first_class=1) -> None:
     def is_int(v):
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
@@ -489,6 +498,9 @@ def _check_args(classes, train_images, val_images, image_size, imbalance, seed, 
         raise ValueError(f"classes must be an integer in 3..{MAX_CLASSES}, got {classes!r}")
     if not is_int(max_objects) or not MAX_OBJECTS <= max_objects <= MAX_CROWD:
         raise ValueError(f"max_objects must be an integer in {MAX_OBJECTS}..{MAX_CROWD}, got {max_objects!r}")
+    if not is_int(first_class) or not 1 <= first_class <= MAX_CLASSES - classes + 1:
+        raise ValueError(f"first_class must be an integer in 1..{MAX_CLASSES - classes + 1} for {classes} classes "
+                         f"(class ids end at {MAX_CLASSES}), got {first_class!r}")
     for name, value in (("train_images", train_images), ("val_images", val_images)):
         if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -514,32 +526,36 @@ def plan_dataset(
     imbalance: float = 200.0,
     seed: int = 0,
     max_objects: int = MAX_OBJECTS,
+    first_class: int = 1,
 ) -> DatasetPlan:
-    """Plan every image's objects without drawing anything (pure and fast)."""
-    _check_args(classes, train_images, val_images, image_size, imbalance, seed, max_objects)
-    seed = int(seed)
-    train = _plan_split(seed, "train", train_images, 1, image_size, classes, float(imbalance), max_objects)
-    val = _plan_split(seed, "val", val_images, train_images + 1, image_size, classes, None, max_objects)
-    return DatasetPlan(classes, image_size, seed, train, val)
+    """Plan every image's objects without drawing anything (pure and fast). Category ids run
+    from ``first_class`` to ``first_class + classes - 1``."""
+    _check_args(classes, train_images, val_images, image_size, imbalance, seed, max_objects, first_class)
+    seed, first_class = int(seed), int(first_class)
+    train = _plan_split(seed, "train", train_images, 1, image_size, classes, float(imbalance), max_objects,
+                        first_class)
+    val = _plan_split(seed, "val", val_images, train_images + 1, image_size, classes, None, max_objects, first_class)
+    return DatasetPlan(classes, image_size, seed, train, val, first_class)
 
 
 # --------------------------------------------------------------------------- annotations
 
 
-def _category_counts(images, classes: int) -> tuple[np.ndarray, np.ndarray]:
-    image_count = np.zeros(classes + 1, dtype=np.int64)
-    instance_count = np.zeros(classes + 1, dtype=np.int64)
+def _category_counts(images, classes: int, first_class: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Images and instances per category, index 0 being id ``first_class``."""
+    image_count = np.zeros(classes, dtype=np.int64)
+    instance_count = np.zeros(classes, dtype=np.int64)
     for im in images:
-        ids = [o.category_id for o in im.objects]
-        np.add.at(instance_count, ids, 1)
-        image_count[sorted(set(ids))] += 1
-    return image_count[1:], instance_count[1:]
+        pos = [o.category_id - first_class for o in im.objects]
+        np.add.at(instance_count, pos, 1)
+        image_count[sorted(set(pos))] += 1
+    return image_count, instance_count
 
 
 def _categories(plan: DatasetPlan) -> list[dict]:
-    image_count, instance_count = _category_counts(plan.train, plan.classes)
+    image_count, instance_count = _category_counts(plan.train, plan.classes, plan.first_class)
     records = []
-    for cid in range(1, plan.classes + 1):
+    for i, cid in enumerate(plan.category_ids):
         spec = class_spec(cid)
         token = spec.name.replace(" ", "_")
         records.append({
@@ -548,14 +564,14 @@ def _categories(plan: DatasetPlan) -> list[dict]:
             "synset": f"{token}.n.01",
             "synonyms": [token],
             "def": spec.definition,
-            "frequency": frequency_group(int(image_count[cid - 1])),
-            "image_count": int(image_count[cid - 1]),
-            "instance_count": int(instance_count[cid - 1]),
+            "frequency": frequency_group(int(image_count[i])),
+            "image_count": int(image_count[i]),
+            "instance_count": int(instance_count[i]),
         })
     return records
 
 
-def _image_record(im: ImagePlan, classes: int) -> dict:
+def _image_record(im: ImagePlan, category_ids: range) -> dict:
     url = f"{_URL}/{im.split}/{im.file_name}"
     present = {o.category_id for o in im.objects}
     return {
@@ -566,7 +582,7 @@ def _image_record(im: ImagePlan, classes: int) -> dict:
         "flickr_url": url,
         "license": 1,
         "date_captured": _DATE,
-        "neg_category_ids": [c for c in range(1, classes + 1) if c not in present],
+        "neg_category_ids": [c for c in category_ids if c not in present],
         "not_exhaustive_category_ids": [],
     }
 
@@ -606,7 +622,7 @@ def lvis_dicts(plan: DatasetPlan) -> dict[str, dict]:
                 "date_created": _DATE,
             },
             "licenses": [{"id": 1, "name": "CC0 1.0", "url": _LICENSE_URL}],
-            "images": [_image_record(im, plan.classes) for im in images],
+            "images": [_image_record(im, plan.category_ids) for im in images],
             "annotations": annotations,
             "categories": categories,
         }
@@ -736,20 +752,22 @@ def make_dataset(
     imbalance: float = 200.0,
     seed: int = 0,
     max_objects: int = MAX_OBJECTS,
+    first_class: int = 1,
     progress: bool = True,
 ) -> dict:
     """Write a synthetic long-tailed LVIS v1 dataset under ``out_dir`` and summarise it.
 
     Returns ``{"root", "categories", "frequency": {"r", "c", "f"}, "train": {...}, "val":
     {...}}`` where each split holds ``annotations`` (JSON path), ``images_dir``, ``images``
-    and ``instances``. Raises ValueError for bad arguments. Existing files of the same names
+    and ``instances``. Category ids run from ``first_class`` (see :func:`plan_dataset`).
+    Raises ValueError for bad arguments. Existing files of the same names
     are overwritten; other files under ``out_dir`` are left alone.
     """
     from tqdm import tqdm
 
     plan = plan_dataset(
         classes=classes, train_images=train_images, val_images=val_images,
-        image_size=image_size, imbalance=imbalance, seed=seed, max_objects=max_objects,
+        image_size=image_size, imbalance=imbalance, seed=seed, max_objects=max_objects, first_class=first_class,
     )
     root = Path(out_dir)
     content = lvis_dicts(plan)

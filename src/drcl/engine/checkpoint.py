@@ -46,16 +46,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def encoder_weights(path: str | os.PathLike) -> dict:
-    """Backbone / FPN / box-head weights under torchvision keys from a 2DRCL run's
-    ``encoder.pt`` or ``checkpoints/last.pt`` (or a run folder holding either)."""
+def run_weights_path(path: str | os.PathLike) -> Path:
+    """A run folder's weights (``encoder.pt`` if it has one, else ``checkpoints/last.pt``);
+    any other path as it is."""
     path = Path(path)
     if path.is_dir():
         path = path / "encoder.pt" if (path / "encoder.pt").exists() else path / "checkpoints" / "last.pt"
+    return path
+
+
+def strip_encoder(model_state: dict) -> dict:
+    """The online encoder's weights out of a 2DRCL model state dict, under torchvision keys."""
+    return {k[len(ENCODER_PREFIX):]: v for k, v in model_state.items() if k.startswith(ENCODER_PREFIX)}
+
+
+def encoder_weights(path: str | os.PathLike) -> dict:
+    """Backbone / FPN / box-head weights under torchvision keys from a 2DRCL run's
+    ``encoder.pt`` or ``checkpoints/last.pt`` (or a run folder holding either)."""
+    path = run_weights_path(path)
     state = load_checkpoint(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        model = state["model"]
-        sd = {k[len(ENCODER_PREFIX):]: v for k, v in model.items() if k.startswith(ENCODER_PREFIX)}
+        sd = strip_encoder(state["model"])
         if not sd:
             raise DataError(f"{path}: a checkpoint without 2DRCL encoder weights (no '{ENCODER_PREFIX}*' keys)")
         return sd

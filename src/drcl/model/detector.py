@@ -84,9 +84,9 @@ def imagenet_weights_file(backbone: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def build_backbone(name: str, norm: str = "bn", imagenet: bool = False):
-    """ResNet + FPN (``BackboneWithFPN``, as torchvision's ``resnet_fpn_backbone`` builds it
-    with all layers trainable, but with the preset's FPN width).
+def build_resnet(name: str, norm: str = "bn", imagenet: bool = False, num_classes: int = 1000) -> resnet.ResNet:
+    """The preset's torchvision ResNet classifier (``conv1`` ... ``layer4``, ``fc``) with the
+    given norm layers; ``num_classes`` sizes ``fc``.
 
     ``imagenet=True`` loads torchvision's ImageNet weights, which must already be on disk
     (no downloads at run time); a missing file is a clear error naming where to put it.
@@ -101,7 +101,16 @@ def build_backbone(name: str, norm: str = "bn", imagenet: bool = False):
                 f"ImageNet weights for {spec['backbone']} not found at {path}; place torchvision's "
                 f"{os.path.basename(weights.url)} there (or set TORCH_HOME) or train from random init"
             )
-    body = getattr(resnet, spec["backbone"])(weights=weights, norm_layer=norm_layer(norm))
+    return getattr(resnet, spec["backbone"])(weights=weights, norm_layer=norm_layer(norm),
+                                             **({} if weights else {"num_classes": num_classes}))
+
+
+def build_backbone(name: str, norm: str = "bn", imagenet: bool = False):
+    """ResNet + FPN (``BackboneWithFPN``, as torchvision's ``resnet_fpn_backbone`` builds it
+    with all layers trainable, but with the preset's FPN width); ``imagenet`` as in
+    :func:`build_resnet`."""
+    spec = preset(name)
+    body = build_resnet(name, norm, imagenet)
     width = body.inplanes // 8  # channels out of layer1
     return BackboneWithFPN(
         body,

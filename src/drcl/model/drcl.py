@@ -126,6 +126,12 @@ class DRCL(nn.Module):
         return self.online.encoder.state_dict()
 
     @torch.no_grad()
+    def reset_momentum(self) -> None:
+        """Make the momentum branch an exact copy of the online one (weights and norm
+        statistics), as at construction: after the online encoder was loaded from other weights."""
+        self.momentum.load_state_dict(self.online.state_dict())
+
+    @torch.no_grad()
     def momentum_update(self, m: float) -> None:
         momentum_update(self.online, self.momentum, m)
 
