@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("probe", help="linear probe of frozen box features: val top-1 per frequency group")
-    p.add_argument("--checkpoint", help="a pretrain run's encoder.pt, checkpoints/last.pt or folder "
-                                        "(omit for the random-init baseline)")
+    p.add_argument("--checkpoint", help="weights in any layout --init reads: a pretrain run's encoder.pt, "
+                                        "checkpoints/last.pt or folder, an upstream classifier, a detector "
+                                        "checkpoint; parts it lacks keep the random init (omit: the random-init baseline)")
     p.add_argument("--config", required=True, help="config naming the train and val data and model.preset/norm")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--balanced", action="store_true", help="weigh classes by inverse frequency in the classifier")

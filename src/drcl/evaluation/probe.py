@@ -80,28 +80,18 @@ DEFAULT_WEIGHT_DECAY = 1e-3
 
 
 def load_encoder(preset: str, norm: str, weights=None, seed: int = 0) -> Encoder:
-    """A frozen encoder in eval mode: random init under ``seed`` (``weights=None``) or the
-    weights of a pre-training run (``encoder.pt``, ``checkpoints/last.pt``, a run folder or a
-    saved ``Encoder.state_dict()``), checked key by key and shape by shape."""
-    from drcl.engine.checkpoint import encoder_weights
-    from drcl.export import load_into_detector
+    """A frozen encoder in eval mode: random init under ``seed``, then (unless ``weights`` is
+    None) the weights in any layout ``--init`` reads (:func:`drcl.weights.init_model`: a
+    pre-training run or its ``encoder.pt``, a classifier such as ``drcl upstream``'s, a
+    torchvision / detectron2 / mmdet detector), checked key by key and shape by shape; parts
+    the file lacks (a classifier's FPN and box head) keep the seeded random init."""
+    from drcl.weights import init_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = build_encoder(preset, norm)
     if weights is not None:
-        state = encoder_weights(weights)
-        where = f"{os.fspath(weights)}"
-        try:
-            missing, _ = load_into_detector(encoder, state)
-        except ValueError as e:
-            raise DataError(f"{where}: cannot load into a {preset!r} encoder with norm {norm!r}: {e}") from None
-        missing = [k for k in missing if not k.endswith(".num_batches_tracked")]
-        if missing:
-            raise DataError(
-                f"{where}: {len(missing)} encoder key(s) missing from the weights, e.g. {missing[0]!r}: "
-                f"not a complete {preset!r} encoder"
-            )
+        init_model(encoder, weights, preset, norm)
     encoder.eval()
     encoder.requires_grad_(False)
     return encoder
