@@ -34,7 +34,13 @@ what else the machine runs and rows may run in parallel processes. Data loading 
 augmentation are not counted: in wall time pre-training costs more than its FLOPs say. "weights moved" is how far pre-training took the encoder from its init
 (:func:`weight_change`).
 Random init stands in for ImageNet init offline; ``--imagenet`` starts every row's backbone
-from torchvision's ImageNet weights when they are in the local torch cache.
+from torchvision's ImageNet weights when they are in the local torch cache. ``--upstream`` is
+the paper's setting at small scale: per seed, ``drcl upstream`` trains a supervised classifier
+on a balanced generated set whose classes the target set does not have (``--upstream-classes``,
+ids after the target's), and every row starts from it: 2DRCL rows pre-train with
+``model.init`` = the classifier, the ``random`` rows become "upstream only" (fine-tuned from
+the classifier, the paper's baseline; ``random_same_ft`` is the paper's same-schedule
+comparison). Give it its own OUT; the ``supervised`` row is not defined there.
 
     python benchmarks/tail_gain.py --out runs/tail_gain --seeds 0 1 2 [--rows full random ...]
 
@@ -75,6 +81,8 @@ from drcl.evaluation.probe import run_probe
 from drcl.finetune import finetune
 from drcl.model.detector import build_encoder
 from drcl.pretrain import pretrain
+from drcl.upstream import upstream
+from drcl.weights import init_model
 
 from common import in_processes, make_data_once  # benchmarks/common.py
 from drcl.sampling import RepeatFactorSampler
@@ -153,18 +161,42 @@ def weight_change(weights: str, cfg: dict) -> float:
     how far pre-training moved it."""
     torch.manual_seed(cfg["seed"])
     m = cfg["model"]
-    start = build_encoder(m["preset"], norm=m["norm"], imagenet=m["imagenet"]).state_dict()
+    start = build_encoder(m["preset"], norm=m["norm"], imagenet=m["imagenet"])
+    if m["init"]:
+        init_model(start, m["init"], m["preset"], m["norm"])
+    start = start.state_dict()
     end = torch.load(weights, map_location="cpu", weights_only=True)
     keys = [k for k, v in start.items() if v.dim() >= 2]
     moved = sum((end[k].float() - start[k].float()).pow(2).sum() for k in keys)
     return float((moved / sum(start[k].float().pow(2).sum() for k in keys)).sqrt())
 
 
+def _upstream_file(data: Path) -> Path:
+    return data.parent / f"upstream-{data.name}" / "run" / "classifier.pt"
+
+
+def make_upstream(data: Path, args, seed: int) -> str:
+    """The seed's ImageNet stand-in: a balanced generated set of classes the target lacks, and
+    ``drcl upstream``'s classifier of its box crops (made once)."""
+    classifier = _upstream_file(data)
+    if classifier.exists():
+        return str(classifier)
+    up_data = classifier.parent.parent / "data"
+    make_data_once(up_data, classes=args.upstream_classes, first_class=args.classes + 1, imbalance=1.0,
+                   train_images=args.upstream_images, val_images=args.upstream_images // 5, image_size=160,
+                   seed=seed)
+    threads = [f"train.threads={args.threads}"] if args.threads else []
+    result = upstream(load_config("tiny_upstream", data_overrides(up_data) + threads + [
+        f"seed={seed}", f"train.max_iters={args.upstream_iters}"]), classifier.parent)
+    return f"{result['classifier']} (val top-1 {result['val_top1']:.3f})"
+
+
 def _pretrain_base(data: Path, seed: int, args, iters: int) -> list[str]:
     threads = [f"train.threads={args.threads}"] if args.threads else []
-    return data_overrides(data) + threads + [f"seed={seed}", f"train.max_iters={iters}",
-                                             f"train.checkpoint_every={iters}", "train.warmup_iters=10",
-                                             "sampler.updates=10"] + (["model.imagenet=true"] if args.imagenet else [])
+    init = [f"model.init={_upstream_file(data)}"] if args.upstream else []
+    return data_overrides(data) + threads + init + [
+        f"seed={seed}", f"train.max_iters={iters}", f"train.checkpoint_every={iters}", "train.warmup_iters=10",
+        "sampler.updates=10"] + (["model.imagenet=true"] if args.imagenet else [])
 
 
 def _finetune_cfg(data: Path, seed: int, args, iters: int) -> dict:
@@ -178,7 +210,8 @@ def matched_extra_iters(data: Path, seed: int, args, out: Path) -> dict:
     """Fine-tuning iterations worth the full row's pre-training in counted FLOPs, from a
     one-iteration run of each kind."""
     pre = pretrain(load_config("tiny", _pretrain_base(data, seed, args, 1)), out / "flops-pretrain")
-    ft = finetune(_finetune_cfg(data, seed, args, 1), out / "flops-finetune", evaluate=False)
+    ft = finetune(_finetune_cfg(data, seed, args, 1), out / "flops-finetune", evaluate=False,
+                  init=str(_upstream_file(data)) if args.upstream else None)
     shutil.rmtree(out / "flops-pretrain"), shutil.rmtree(out / "flops-finetune")
     extra = math.ceil(args.pretrain_iters * pre["flops_per_iter"] / ft["flops_per_iter"])
     return {"pretrain_flops_per_iter": pre["flops_per_iter"], "finetune_flops_per_iter": ft["flops_per_iter"],
@@ -187,20 +220,22 @@ def matched_extra_iters(data: Path, seed: int, args, out: Path) -> dict:
 
 def run_row(row: str, seed: int, data: Path, out: Path, args) -> dict:
     base = _pretrain_base(data, seed, args, args.pretrain_iters)
-    record = {"row": row, "seed": seed}
+    record = {"row": row, "seed": seed, "init": "upstream" if args.upstream else "random"}
     extra_iters = 0
     if row == "random":
         record["matched"] = matched_extra_iters(data, seed, args, out)
         extra_iters = record["matched"]["extra_iters"]
-    weights, start = None, time.perf_counter()
+    weights, start = (str(_upstream_file(data)) if args.upstream else None), time.perf_counter()
     if OVERRIDES[row] == "supervised":
+        if args.upstream:
+            raise SystemExit("tail_gain: the supervised row is not defined with --upstream")
         weights = str(supervised_pretrain(load_config("tiny", base), out / "pretrain"))
     elif OVERRIDES[row] is not None:
         pretrain(load_config("tiny", base + OVERRIDES[row]), out / "pretrain")
         weights = str(out / "pretrain" / "encoder.pt")
     record["pretrain_s"] = time.perf_counter() - start
     probe_cfg = load_config("tiny", base)
-    record["weight_change"] = weight_change(weights, probe_cfg) if weights else 0.0
+    record["weight_change"] = weight_change(weights, probe_cfg) if weights and OVERRIDES[row] is not None else 0.0
     record["probe"] = run_probe(probe_cfg, weights, seed=seed, progress=False)
     record["threads"] = torch.get_num_threads()
     if args.probe_only:
@@ -239,7 +274,10 @@ def table(records: list[dict]) -> str:
         cells += [_cell([x["probe"][f"acc{g}"] for x in mine]) for g in probe_keys]
         moved = _cell([x.get("weight_change") for x in mine])
         cells.append(moved if moved == "n/a" else moved + " %")
-        lines.append(f"| {row} | {len(mine)} | {its} | " + " | ".join(cells) + " |")
+        name = row
+        if all(x.get("init") == "upstream" for x in mine):
+            name = {"random": "upstream only", "random_same_ft": "upstream only, same fine-tuning"}.get(row, f"upstream + {row}")
+        lines.append(f"| {name} | {len(mine)} | {its} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -277,6 +315,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: the configs')")
     ap.add_argument("--probe-only", action="store_true", help="probe each encoder, skip fine-tuning and AP")
     ap.add_argument("--imagenet", action="store_true", help="start backbones from local ImageNet weights")
+    ap.add_argument("--upstream", action="store_true",
+                    help="every row starts from a supervised upstream classifier of disjoint generated classes")
+    ap.add_argument("--upstream-classes", type=int, default=120)
+    ap.add_argument("--upstream-images", type=int, default=1000)
+    ap.add_argument("--upstream-iters", type=int, default=300)
     ap.add_argument("--max-objects", type=int, default=6, help="objects per generated image are 1..N (crowded: 16)")
     ap.add_argument("--jobs", type=int, default=1, help="(row, seed) pairs run at a time, each in its own process")
     ap.add_argument("--report-only", action="store_true", help="tabulate the finished records, run nothing")
@@ -288,6 +331,8 @@ def main() -> None:
     for seed in [] if args.report_only else args.seeds:
         data = out / f"data-seed{seed}"
         make_data(data, args, seed)
+        if args.upstream:
+            print(f"upstream of seed {seed}: {make_upstream(data, args, seed)}", flush=True)
         for row in args.rows:
             run_dir = out / f"{row}-seed{seed}"
             if (run_dir / "record.json").exists() and (
