@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The CPU-hours tables on one GPU machine with many cores, as one command with a time limit:
-# benchmarks/tail_gain.py (3 seeds, every row, 300 pre-training iterations) and
-# benchmarks/probe_length.py for recipe variants (VARIANTS below), run side by side as
-# parallel processes of 1 thread each, all on the one GPU (the tiny preset uses little of it).
+# The CPU-hours tables on one GPU machine with many cores, as one command with a time limit,
+# run side by side as parallel processes of 1 thread each, all on the one GPU (the tiny preset
+# uses little of it):
+#   1. benchmarks/tail_gain.py from random init (3 seeds, ROWS, 300 pre-training iterations);
+#   2. benchmarks/tail_gain.py --upstream, the paper's setting (UP_ROWS);
+#   3. benchmarks/probe_length.py for recipe variants (VARIANTS below), 300 iterations.
 #
 #   benchmarks/gpu_tables.sh OUT [BUDGET_S]            # e.g. on an H200 with 16 cores
 #   SMOKE=1 benchmarks/gpu_tables.sh OUT 600          # toy sizes on the CPU, to check the command
 #
 # Each script stops at BUDGET_S (default 480) seconds; what finished by then is tabulated into
-# OUT/tail_gain.md + .json and OUT/variants.md + .json (records of unfinished runs are lost).
+# OUT/tail_gain.md + .json, OUT/upstream.md + .json and OUT/variants.md + .json (records of
+# unfinished runs are lost).
 # Runs from the source tree (PYTHONPATH=src); wheels carried in .whl/ (faster-coco-eval for AP)
 # are installed into /tmp/site first.
 set -u
@@ -25,33 +28,40 @@ fi
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 WORK=${WORK:-/tmp/drcl-tables}
 mkdir -p "$WORK"
-TG_JOBS=${TG_JOBS:-9}
-VAR_JOBS=${VAR_JOBS:-2}
+TG_JOBS=${TG_JOBS:-6}
+UP_JOBS=${UP_JOBS:-6}
+VAR_JOBS=${VAR_JOBS:-1}
 ROWS=${ROWS:-random full random_same_ft no_drb no_ar no_sr hcl hcl_lcl supervised}
+UP_ROWS=${UP_ROWS:-random random_same_ft full no_drb no_ar no_sr hcl}
 SEEDS=${SEEDS:-0 1 2}
 # recipe variants for the HCL gap: name and --set overrides
 VARIANTS=${VARIANTS:-"base: tau0.1:model.temperature=0.1 queue256:model.hcl_queue=256"}
 if [ -n "${SMOKE:-}" ]; then
   SIZES="--train-images 40 --classes 8 --pretrain-iters 3 --finetune-iters 3"; LENGTH=3
+  UP_SIZES="--upstream-classes 10 --upstream-images 40 --upstream-iters 3"
 else
-  SIZES="--pretrain-iters 300"; LENGTH=300
+  SIZES="--pretrain-iters 300"; LENGTH=300; UP_SIZES=""
 fi
 start=$(date +%s)
 "$PY" -c 'import os, torch; print("gpu_tables:", os.cpu_count(), "cores, torch", torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' | tee "$OUT/machine.txt"
 
 # the datasets first, one process per seed (probe_length's variants share tail_gain's seed 0)
 for s in $SEEDS; do
-  (cd benchmarks && "$PY" -c "
+  for d in tail_gain upstream; do
+    (cd benchmarks && "$PY" -c "
 import sys; from pathlib import Path; from common import make_data_once
 n = 40 if '${SMOKE:-}' else 800
-make_data_once(Path('$WORK/tail_gain/data-seed$s'), classes=8 if '${SMOKE:-}' else 40, train_images=n,
+make_data_once(Path('$WORK/$d/data-seed$s'), classes=8 if '${SMOKE:-}' else 40, train_images=n,
                val_images=n // 5, image_size=160, imbalance=100.0, seed=$s)") &
+  done
 done
 wait
 echo "data ready after $(( $(date +%s) - start )) s"
 
 timeout "$BUDGET" "$PY" benchmarks/tail_gain.py --out "$WORK/tail_gain" --seeds $SEEDS --rows $ROWS $SIZES \
   --threads 1 --jobs "$TG_JOBS" > "$WORK/tail_gain.log" 2>&1 &
+timeout "$BUDGET" "$PY" benchmarks/tail_gain.py --out "$WORK/upstream" --upstream --seeds $SEEDS --rows $UP_ROWS \
+  $SIZES $UP_SIZES --threads 1 --jobs "$UP_JOBS" > "$WORK/upstream.log" 2>&1 &
 for v in $VARIANTS; do
   name=${v%%:*}; sets=${v#*:}; args=()
   for kv in ${sets//,/ }; do args+=(--set "$kv"); done
@@ -63,6 +73,9 @@ echo "runs stopped after $(( $(date +%s) - start )) s"
 
 "$PY" benchmarks/tail_gain.py --out "$WORK/tail_gain" --report-only > "$OUT/tail_gain.md" 2>&1
 cp "$WORK/tail_gain/results.json" "$OUT/tail_gain.json" 2>/dev/null
+"$PY" benchmarks/tail_gain.py --out "$WORK/upstream" --report-only > "$OUT/upstream.md" 2>&1
+grep -h "upstream classifier" "$WORK/upstream.log" >> "$OUT/upstream.md"
+cp "$WORK/upstream/results.json" "$OUT/upstream.json" 2>/dev/null
 : > "$OUT/variants.md"
 for v in $VARIANTS; do
   name=${v%%:*}
@@ -76,6 +89,6 @@ records = {d.name: [json.loads(p.read_text()) for p in sorted(d.glob("L*-seed*/r
            for d in sorted(work.glob("variant-*"))}
 Path(sys.argv[2]).write_text(json.dumps(records, indent=1))
 EOF
-tail -n 30 "$WORK"/tail_gain.log > "$OUT/logs.txt"; for f in "$WORK"/variant-*.log; do tail -n 5 "$f" >> "$OUT/logs.txt"; done
-cat "$OUT/tail_gain.md" "$OUT/variants.md"
+tail -n 30 "$WORK"/tail_gain.log "$WORK"/upstream.log > "$OUT/logs.txt"; for f in "$WORK"/variant-*.log; do tail -n 5 "$f" >> "$OUT/logs.txt"; done
+cat "$OUT/tail_gain.md" "$OUT/upstream.md" "$OUT/variants.md"
 echo "total $(( $(date +%s) - start )) s"

@@ -331,14 +331,18 @@ def main() -> None:
     for seed in [] if args.report_only else args.seeds:
         data = out / f"data-seed{seed}"
         make_data(data, args, seed)
-        if args.upstream:
-            print(f"upstream of seed {seed}: {make_upstream(data, args, seed)}", flush=True)
         for row in args.rows:
             run_dir = out / f"{row}-seed{seed}"
             if (run_dir / "record.json").exists() and (
                     args.probe_only or json.loads((run_dir / "record.json").read_text())["detection"]):
                 continue  # finished (a probe-only record does not count for a run that wants AP)
             todo.append((row, seed, data, run_dir))
+    if args.upstream and todo:  # each seed's upstream classifier first, in parallel
+        seeds = sorted({seed for _, seed, _, _ in todo})
+        calls = [(out / f"data-seed{seed}", args, seed) for seed in seeds]
+        logs = [out / f"upstream-data-seed{seed}.log" for seed in seeds]
+        for made in in_processes(make_upstream, calls, min(args.jobs, len(seeds)), logs):
+            print(f"upstream classifier: {made}", flush=True)
     logs = [job[3] / "log.txt" for job in todo]
     for name in in_processes(run_and_record, [(*job, args) for job in todo], args.jobs, logs):
         print(f"finished {name}", flush=True)
