@@ -25,6 +25,7 @@ with one line naming the file and the record, or, with ``on_bad="skip"``, drops 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -209,6 +210,89 @@ def load_annotations(
     )
 
 
+#: Files an image folder is read for (case-insensitive).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def folder_image_id(relative_path: str) -> int:
+    """The id of an image in an image folder: the first 52 bits of the SHA-1 of its path
+    relative to the folder (``/`` separators), so the same file gets the same id whatever else
+    the folder holds (``drcl proposals`` and ``drcl pretrain`` agree), and the id stays below
+    2**53, exact in any JSON reader."""
+    return int(hashlib.sha1(relative_path.encode()).hexdigest()[:13], 16)
+
+
+def load_image_folder(
+    images_dir: str | os.PathLike,
+    on_bad: str = "error",
+    check_images: str = "header",
+    progress: bool = False,
+) -> Annotations:
+    """An :class:`Annotations` of the images in a folder (searched recursively for
+    :data:`IMAGE_EXTENSIONS`), without annotations or categories: for pre-training on images
+    alone, with boxes from a proposals file.
+
+    Each image record is ``{"id": folder_image_id(path), "file_name": path, "width",
+    "height"}`` with ``path`` relative to the folder, in sorted order. Every file is opened
+    (``check_images="header"``) or also fully decoded (``"decode"``); a file that does not
+    is a :class:`DataError` naming it, or with ``on_bad="skip"`` is left out and counted.
+    """
+    if on_bad not in ("error", "skip"):
+        raise ValueError(f"on_bad must be 'error' or 'skip', not {on_bad!r}")
+    if check_images not in ("header", "decode"):
+        raise ValueError(f"check_images must be 'header' or 'decode' for a folder, not {check_images!r}")
+    from tqdm import tqdm
+
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder of images" + ("" if root.exists() else " (no such folder)"))
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    checker = _Checker(str(root), on_bad)
+    images, owner = [], {}
+    for name in tqdm(files, desc="reading images", unit="img", disable=not progress):
+        image_id = folder_image_id(name)
+        if image_id in owner:  # 52 bits: about one chance in 10^4 for a million files
+            raise DataError(f"{root}: files {owner[image_id]} and {name} hash to the same image id {image_id}")
+        owner[image_id] = name
+        size, problem = open_image_file(root / name, check_images == "decode")
+        if problem:
+            checker.bad("images", f"image id {image_id}", problem)
+            continue
+        images.append({"id": image_id, "file_name": name, "width": size[0], "height": size[1]})
+    if not images:
+        raise DataError(f"{root}: none of its {len(files)} image files could be read")
+    return Annotations(path=str(root), images=images, annotations=[], categories=[], images_dir=str(root),
+                       skipped=checker.skipped)
+
+
+#: The one category of a class-agnostic detector (:func:`merge_categories`).
+OBJECT_CATEGORY = {"id": 1, "name": "object"}
+
+
+def merge_categories(ann: Annotations) -> Annotations:
+    """The same file with every category merged into one, :data:`OBJECT_CATEGORY`: for
+    training and scoring a class-agnostic detector whose detections become proposals.
+
+    Annotations keep their ids and boxes with ``category_id`` 1. An image's LVIS
+    ``not_exhaustive_category_ids`` become ``[1]`` when it listed any category (its objects
+    are not all annotated) and ``neg_category_ids`` become ``[]`` (a category known to be
+    absent says nothing about objects in general)."""
+    images = []
+    for img in ann.images:
+        img = dict(img)
+        if "not_exhaustive_category_ids" in img:
+            img["not_exhaustive_category_ids"] = [1] if img["not_exhaustive_category_ids"] else []
+        if "neg_category_ids" in img:
+            img["neg_category_ids"] = []
+        images.append(img)
+    annotations = [{**a, "category_id": OBJECT_CATEGORY["id"]} for a in ann.annotations]
+    return Annotations(path=ann.path, images=images, annotations=annotations, categories=[dict(OBJECT_CATEGORY)],
+                       images_dir=ann.images_dir, skipped=ann.skipped)
+
+
 def read_json(path: str, what: str = "JSON file"):
     """Parse a JSON file; a missing, empty, non-UTF-8 or malformed file is a one-line
     :class:`DataError` naming the file (``what`` says what was expected)."""
@@ -331,31 +415,34 @@ class _Checker:
 
     def image_files(self, images: list[dict], images_dir, decode: bool, progress: bool) -> set:
         """Ids of images whose file is missing, unreadable or of the wrong size."""
-        from PIL import Image, UnidentifiedImageError
         from tqdm import tqdm
 
         bad = set()
         for rec in tqdm(images, desc="checking images", unit="img", disable=not progress):
             file = find_image_file(rec, images_dir)
-            name = f"image id {rec['id']}"
-            problem = None
-            try:
-                with Image.open(file) as im:
-                    if im.size != (rec["width"], rec["height"]):
-                        problem = (
-                            f"file {file} is {im.size[0]}x{im.size[1]} but the record says "
-                            f"{rec['width']}x{rec['height']}"
-                        )
-                    elif decode:
-                        im.load()
-            except FileNotFoundError:
-                problem = f"image file {file} not found"
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-                problem = f"image file {file} cannot be decoded ({e})"
+            size, problem = open_image_file(file, decode)
+            if problem is None and size != (rec["width"], rec["height"]):
+                problem = f"file {file} is {size[0]}x{size[1]} but the record says {rec['width']}x{rec['height']}"
             if problem:
-                self.bad("images", name, problem)
+                self.bad("images", f"image id {rec['id']}", problem)
                 bad.add(rec["id"])
         return bad
+
+
+def open_image_file(file, decode: bool) -> tuple[tuple[int, int] | None, str | None]:
+    """``((width, height), None)`` for an image file that opens (and, with ``decode``, whose
+    pixels all decode), else ``(None, problem)`` with a one-line problem naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as im:
+            if decode:
+                im.load()
+            return im.size, None
+    except FileNotFoundError:
+        return None, f"image file {file} not found"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return None, f"image file {file} cannot be decoded ({e})"
 
 
 def _box_problem(bbox, image: dict) -> str | None:
