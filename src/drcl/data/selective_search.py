@@ -70,9 +70,28 @@ def keep_mask(boxes: np.ndarray, width: int, height: int, settings: FilterSettin
             & (aspect >= 1 / settings.max_aspect) & (aspect <= settings.max_aspect))
 
 
+def _seed_c_rand(seed: int = 0) -> None:
+    """OpenCV ranks its boxes with ``level * std::rand()``, the C library's generator, which
+    nothing in ``cv2`` seeds: without this an image's boxes would depend on what the process
+    searched before it (and so on ``--workers``). Seeding it before each image makes them a
+    function of the image alone."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c") or ctypes.util.find_library("msvcrt")
+        _LIBC = ctypes.CDLL(name) if name else False
+    if _LIBC:
+        _LIBC.srand(seed)
+
+
+_LIBC = None
+
+
 def selective_search(pixels: np.ndarray, mode: str = "fast", max_side: int = 512) -> np.ndarray:
     """Selective-search boxes of an (H, W, 3) uint8 RGB image, (N, 4) float32 XYXY in its
-    pixel coordinates, in OpenCV's ranking (best first). Images larger than ``max_side`` are
+    pixel coordinates, in OpenCV's ranking (best first; the same for the same image). Images larger than ``max_side`` are
     shrunk for the search (its time grows with the pixel count) and the boxes scaled back."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -86,6 +105,7 @@ def selective_search(pixels: np.ndarray, mode: str = "fast", max_side: int = 512
         image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     search = x.segmentation.createSelectiveSearchSegmentation()
     search.setBaseImage(image)
+    _seed_c_rand()
     if mode == "fast":
         search.switchToSelectiveSearchFast()
     else:
