@@ -10,10 +10,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from drcl.cli import main
-from drcl.data.annotations import folder_image_id, load_annotations, load_image_folder
+from drcl.data.annotations import load_annotations
 from drcl.data.boxes import load_proposals
 from drcl.data.selective_search import FilterSettings, keep_mask, ximgproc
-from drcl.errors import MissingDependency
+from drcl.errors import DataError, MissingDependency
 from drcl.evaluation.recall import best_iou
 
 OBJECT = (52, 70, 112, 118)  # XYXY of the drawn object
@@ -49,7 +49,7 @@ def test_selective_search_finds_the_drawn_object(tmp_path, capsys):
     assert main(["proposals", str(tmp_path / "images"), "--out", str(out)]) == 0
     records = json.loads(out.read_text())
     assert len(records) == 8
-    assert {r["image_id"] for r in records} == {folder_image_id("scene.png")}
+    assert {(r["image_id"], r["file_name"]) for r in records} == {(1, "scene.png")}
     assert {r["category_id"] for r in records} == {1}
     scores = [r["score"] for r in records]
     assert scores == sorted(scores, reverse=True)
@@ -79,6 +79,13 @@ def test_proposals_file_round_trips_into_the_box_source(tmp_path, small_data):
         expect = torch.tensor([r["bbox"] for r in mine])
         expect[:, 2:] += expect[:, :2]
         torch.testing.assert_close(boxes, expect)
+    # a record whose file name is not its image's is refused (proposals made for other images)
+    records[0]["file_name"] = "elsewhere.jpg"
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"proposal #0: image id \d+ is elsewhere.jpg in the proposals but"):
+        load_proposals(moved, ann)
+    records[0]["file_name"] = ann.file_name(ann.image_pos[records[0]["image_id"]])
     # --workers 2 (two processes) computes what one process does
     one = tmp_path / "one.json"
     assert main(["proposals", str(train_json), "--images", str(images), "--out", str(one), "--per-image", "3"]) == 0
@@ -96,7 +103,7 @@ def test_bad_image_is_named_or_skipped_and_counted(tmp_path, capsys):
     assert not out.exists()
     assert main(["proposals", str(tmp_path / "images"), "--out", str(out), "--on-bad", "skip"]) == 0
     assert "skipped 1 bad records (1 images)" in capsys.readouterr().err
-    assert {r["image_id"] for r in json.loads(out.read_text())} == {folder_image_id("good.png")}
+    assert {r["image_id"] for r in json.loads(out.read_text())} == {2}  # bad.jpg is 1
 
 
 def test_usage_errors_are_one_line(tmp_path, small_data, capsys):

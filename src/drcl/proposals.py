@@ -2,7 +2,7 @@
 
 The paper's LCL takes 8 boxes per image from a class-agnostic detector (its appendix A.1).
 This command writes such boxes for an annotation file's images or for a folder of images, in
-COCO results format (``[{"image_id", "category_id": 1, "bbox": [x, y, w, h], "score"}]``,
+COCO results format (``[{"image_id", "category_id": 1, "bbox": [x, y, w, h], "score", "file_name"}]``,
 best first per image), the file ``data.boxes: proposals`` / ``data.proposals`` reads
 (:func:`drcl.data.boxes.load_proposals`). Two methods:
 
@@ -14,8 +14,10 @@ best first per image), the file ``data.boxes: proposals`` / ``data.proposals`` r
   (:func:`drcl.evaluation.inference.predict`); its detections, of any category, go through
   the same suppression and top K by score.
 
-For an image folder the image ids are :func:`drcl.data.annotations.folder_image_id`, the ids
-``drcl pretrain`` gives the same folder. Every image is decoded before the search: an image
+For an image folder the image ids are those ``drcl pretrain`` gives the same folder
+(:func:`drcl.data.annotations.load_image_folder`); each record also carries its image's
+``file_name``, which :func:`~drcl.data.boxes.load_proposals` checks, so proposals made before
+the folder changed are refused rather than put on the wrong images. Every image is decoded before the search: an image
 that does not decode (or on which the search fails) is a one-line error naming it, or with
 ``on_bad="skip"`` is left out and counted.
 """
@@ -63,10 +65,11 @@ def top_boxes(boxes: torch.Tensor, scores: torch.Tensor, k: int, nms_iou: float 
     return boxes[keep], scores[keep]
 
 
-def _records(image_id, boxes: torch.Tensor, scores: torch.Tensor) -> list[dict]:
+def _records(ann: Annotations, i: int, boxes: torch.Tensor, scores: torch.Tensor) -> list[dict]:
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    return [{"image_id": image_id, "category_id": 1, "bbox": [round(v, 2) for v in b], "score": round(float(s), 6)}
-            for b, s in zip(xywh, scores.tolist())]
+    image_id, name = ann.images[i]["id"], ann.file_name(i)
+    return [{"image_id": image_id, "category_id": 1, "bbox": [round(v, 2) for v in b], "score": round(float(s), 6),
+             "file_name": name} for b, s in zip(xywh, scores.tolist())]
 
 
 def selective_search_proposals(ann: Annotations, per_image: int = PER_IMAGE, workers: int = 1, mode: str = "fast",
@@ -96,7 +99,7 @@ def selective_search_proposals(ann: Annotations, per_image: int = PER_IMAGE, wor
                 ann.skipped["images"] += 1
                 continue
             b, s = top_boxes(torch.from_numpy(boxes), torch.from_numpy(scores), per_image, nms_iou)
-            records += _records(ann.images[i]["id"], b, s)
+            records += _records(ann, i, b, s)
     finally:
         bar.close()
         if pool is not None:
@@ -129,14 +132,14 @@ def detector_proposals(ann: Annotations, checkpoint, cfg: dict, per_image: int =
     for d in dets:
         per_id.setdefault(d["image_id"], []).append(d)
     records = []
-    for img in ann.images:
+    for i, img in enumerate(ann.images):
         found = per_id.get(img["id"])
         if not found:
             continue
         xywh = torch.tensor([d["bbox"] for d in found], dtype=torch.float32)
         boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
         b, s = top_boxes(boxes, torch.tensor([d["score"] for d in found]), per_image, nms_iou)
-        records += _records(img["id"], b, s)
+        records += _records(ann, i, b, s)
     return records, (time.perf_counter() - start) / max(1, ann.num_images)
 
 

@@ -1,12 +1,10 @@
 """Image folders as training sets, and merging categories for a class-agnostic detector."""
 
-import hashlib
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from drcl.data.annotations import folder_image_id, load_annotations, load_image_folder, merge_categories
+from drcl.data.annotations import load_annotations, load_image_folder, merge_categories
 from drcl.errors import DataError
 
 
@@ -16,29 +14,27 @@ def _image(path, w, h, seed=0):
     Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
 
 
-def test_folder_ids_are_stable_hashes_of_the_relative_path(tmp_path):
+def test_folder_ids_are_places_in_the_sorted_listing(tmp_path):
     _image(tmp_path / "b.jpg", 40, 30)
     _image(tmp_path / "sub" / "a.PNG", 20, 50)
     (tmp_path / "notes.txt").write_text("not an image")
     ann = load_image_folder(tmp_path)
-    assert [img["file_name"] for img in ann.images] == ["b.jpg", "sub/a.PNG"]
+    assert [(img["id"], img["file_name"]) for img in ann.images] == [(1, "b.jpg"), (2, "sub/a.PNG")]
     assert [(img["width"], img["height"]) for img in ann.images] == [(40, 30), (20, 50)]
-    assert ann.images[1]["id"] == int(hashlib.sha1(b"sub/a.PNG").hexdigest()[:13], 16) < 2**53
     assert ann.annotations == [] and ann.categories == [] and ann.image_path(1) == tmp_path / "sub" / "a.PNG"
-    # another file in the folder changes no one else's id
-    _image(tmp_path / "a.jpg", 10, 10)
-    again = load_image_folder(tmp_path)
-    assert {img["file_name"]: img["id"] for img in again.images} == {
-        "a.jpg": folder_image_id("a.jpg"), "b.jpg": ann.images[0]["id"], "sub/a.PNG": ann.images[1]["id"]}
+    assert load_image_folder(tmp_path).images == ann.images  # the same folder, the same ids
 
 
 def test_bad_image_in_folder_is_named_or_skipped_and_counted(tmp_path):
     _image(tmp_path / "good.jpg", 16, 16)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(DataError, match=rf"image id {folder_image_id('broken.jpg')}: image file .*broken.jpg cannot be decoded"):
+    _image(tmp_path / "later.jpg", 16, 16)
+    with pytest.raises(DataError, match=r"image id 1: image file .*broken.jpg cannot be decoded"):
         load_image_folder(tmp_path)
     ann = load_image_folder(tmp_path, on_bad="skip")
-    assert [img["file_name"] for img in ann.images] == ["good.jpg"] and ann.skipped == {"images": 1}
+    # the bad file keeps its place: the others' ids do not move
+    assert [(img["id"], img["file_name"]) for img in ann.images] == [(2, "good.jpg"), (3, "later.jpg")]
+    assert ann.skipped == {"images": 1}
 
 
 def test_empty_or_missing_folder_is_a_one_line_error(tmp_path):

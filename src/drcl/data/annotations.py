@@ -25,7 +25,6 @@ with one line naming the file and the record, or, with ``on_bad="skip"``, drops 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -214,14 +213,6 @@ def load_annotations(
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def folder_image_id(relative_path: str) -> int:
-    """The id of an image in an image folder: the first 52 bits of the SHA-1 of its path
-    relative to the folder (``/`` separators), so the same file gets the same id whatever else
-    the folder holds (``drcl proposals`` and ``drcl pretrain`` agree), and the id stays below
-    2**53, exact in any JSON reader."""
-    return int(hashlib.sha1(relative_path.encode()).hexdigest()[:13], 16)
-
-
 def load_image_folder(
     images_dir: str | os.PathLike,
     on_bad: str = "error",
@@ -232,8 +223,11 @@ def load_image_folder(
     :data:`IMAGE_EXTENSIONS`), without annotations or categories: for pre-training on images
     alone, with boxes from a proposals file.
 
-    Each image record is ``{"id": folder_image_id(path), "file_name": path, "width",
-    "height"}`` with ``path`` relative to the folder, in sorted order. Every file is opened
+    Each image record is ``{"id", "file_name": path, "width", "height"}`` with ``path``
+    relative to the folder (``/`` separators); the id is the file's place, from 1, in the sorted
+    list of all the folder's image files, so ``drcl proposals`` and ``drcl pretrain`` give a
+    folder the same ids, and a file skipped as bad moves no other file's id. (Ids stay small:
+    the LCL queue packs image and box ids into one int64.) Every file is opened
     (``check_images="header"``) or also fully decoded (``"decode"``); a file that does not
     is a :class:`DataError` naming it, or with ``on_bad="skip"`` is left out and counted.
     """
@@ -251,12 +245,8 @@ def load_image_folder(
     if not files:
         raise DataError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     checker = _Checker(str(root), on_bad)
-    images, owner = [], {}
-    for name in tqdm(files, desc="reading images", unit="img", disable=not progress):
-        image_id = folder_image_id(name)
-        if image_id in owner:  # 52 bits: about one chance in 10^4 for a million files
-            raise DataError(f"{root}: files {owner[image_id]} and {name} hash to the same image id {image_id}")
-        owner[image_id] = name
+    images = []
+    for image_id, name in enumerate(tqdm(files, desc="reading images", unit="img", disable=not progress), start=1):
         size, problem = open_image_file(root / name, check_images == "decode")
         if problem:
             checker.bad("images", f"image id {image_id}", problem)
