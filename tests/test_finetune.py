@@ -125,3 +125,35 @@ def test_export_command(tmp_path, encoder_file, fmt, name, key):
     assert main(["export", str(encoder_file), "--format", fmt, "--out", str(out)]) == 0
     data = pickle.loads(out.read_bytes()) if fmt == "detectron2" else torch.load(out)
     assert key in data
+
+
+def test_class_agnostic_detector_makes_proposals(tmp_path, ft_args, small_data, monkeypatch, capsys):
+    """data.class_agnostic merges every category into one; the run's detections become proposals."""
+    from drcl.data.annotations import load_annotations
+    from drcl.data.boxes import load_proposals
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "agnostic"
+    assert _run("finetune", ft_args + ["data.class_agnostic=true", "eval.score_threshold=0.0"], "--out", str(out)) == 0
+    assert "boxes of" in capsys.readouterr().out
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["meta"]["category_ids"] == [1] and state["meta"]["class_agnostic"] is True
+    assert state["model"]["roi_heads.box_predictor.cls_score.weight"].shape[0] == 2  # background + object
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())["bbox"]
+    assert 0 <= metrics["AP"] <= 1  # scored against the val set with its categories merged too
+    assert {d["category_id"] for d in json.loads((out / "eval" / "detections.json").read_text())} == {1}
+
+    val_json, val_images = small_data / "annotations" / "val.json", small_data / "images" / "val"
+    proposals = tmp_path / "p.json"
+    assert main(["proposals", str(val_json), "--images", str(val_images), "--out", str(proposals), "--method", "detector",
+                 "--checkpoint", str(out / "checkpoints" / "last.pt"), "--config", "configs/tiny_finetune.yaml",
+                 "--set", "eval.score_threshold=0.0", "--set", "train.threads=1", "--per-image", "5"]) == 0
+    records = json.loads(proposals.read_text())
+    val = load_annotations(val_json, val_images)
+    per_image = {}
+    for r in records:
+        per_image.setdefault(r["image_id"], []).append(r["score"])
+    assert set(per_image) == {img["id"] for img in val.images}  # a random-init head still scores every anchor
+    assert all(len(s) == 5 and s == sorted(s, reverse=True) for s in per_image.values())
+    assert {r["category_id"] for r in records} == {1}
+    assert sum(len(b) for b in load_proposals(proposals, val).values()) == len(records)

@@ -5,6 +5,7 @@ source tree runs on a machine with only the torch stack: faster-coco-eval, matpl
 tensorboard are imported where they are used, and a missing one costs only its feature.
 """
 
+import importlib.metadata
 import json
 import os
 import re
@@ -102,9 +103,16 @@ def test_the_package_asks_for_ranges_and_constraints_pin_the_installed_pair():
     for name in ("torch", "torchvision"):
         assert ">=" in by_name[name] and "==" not in by_name[name], by_name[name]
     lines = [line.split("#")[0].strip() for line in (ROOT / "constraints.txt").read_text().splitlines()]
-    pinned = sorted(line for line in lines if line)
-    installed = [f"torch=={_base_version(torch.__version__)}", f"torchvision=={_base_version(torchvision.__version__)}"]
-    assert pinned == installed, f"constraints.txt pins {pinned}, this environment has {installed}"
+    pinned = dict(line.split("==") for line in lines if line)
+    installed = {"torch": _base_version(torch.__version__), "torchvision": _base_version(torchvision.__version__)}
+    try:  # the proposals extra, where it is installed
+        installed["opencv-contrib-python-headless"] = importlib.metadata.version("opencv-contrib-python-headless")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    assert {k: pinned.get(k) for k in installed} == installed, f"constraints.txt pins {pinned}, this environment has {installed}"
+    assert set(pinned) == {"torch", "torchvision", "opencv-contrib-python-headless"}, pinned
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("opencv-contrib-python-headless>=") for d in extras["proposals"]), extras["proposals"]
 
 
 def test_set_up_commands_install_with_the_constraints():

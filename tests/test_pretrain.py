@@ -137,3 +137,37 @@ def test_torchrun_two_cpu_processes_see_disjoint_samples(tmp_path, tiny_args):
         rank0, rank1 = r["image_ids"]
         assert len(rank0) == len(rank1) == 2 and not set(rank0) & set(rank1)
     assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 3
+
+
+def test_pretrain_on_an_image_folder_with_proposals(tmp_path, tiny_args, small_data, monkeypatch, capsys):
+    """No annotation file: the folder's images, boxes from `drcl proposals` on the same folder."""
+    import shutil
+
+    monkeypatch.chdir(ROOT)
+    folder = tmp_path / "photos"
+    shutil.copytree(small_data / "images" / "train", folder)
+    proposals = tmp_path / "p.json"
+    assert main(["proposals", str(folder), "--out", str(proposals)]) == 0
+    args = [a for a in tiny_args if not a.startswith(("data.train_json=", "data.train_images="))]
+    args += ["data.train_json=", f"data.train_images={folder}", "data.boxes=proposals", f"data.proposals={proposals}",
+             "train.max_iters=3", "train.checkpoint_every=3"]
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(["pretrain", "--config", "configs/tiny.yaml", "--out", str(out)] + sum((["--set", a] for a in args), [])) == 0
+    printed = capsys.readouterr().out
+    assert "has no labelled boxes: repeat factors (sampler.mode dynamic) need categories, so images are drawn " \
+           "uniformly (random)" in printed
+    assert "LCL has no supervised positives" in printed
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["iteration"] == 3 and (out / "encoder.pt").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["lcl"]) and r["lcl"] > 0 for r in rows)  # LCL ran on the proposals
+
+
+def test_image_folder_needs_a_box_source(tmp_path, tiny_args, small_data, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    args = [a for a in tiny_args if not a.startswith("data.train_json=")]
+    assert main(["pretrain", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "r"), "--set", "data.train_json=",
+                 *sum((["--set", a] for a in args), [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "data.boxes is 'gt' but data.train_json is not set" in err

@@ -82,6 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     p.set_defaults(func=cmd_upstream)
 
+    p = sub.add_parser("proposals", help="class-agnostic boxes for pre-training: selective search or a detector")
+    p.add_argument("input", help="an image folder, or a COCO / LVIS annotation file (with --images)")
+    p.add_argument("--out", required=True, help="proposals file to write (COCO results format, for data.proposals)")
+    p.add_argument("--images", help="image folder of the annotation file")
+    p.add_argument("--method", choices=("selective-search", "detector"), default="selective-search")
+    p.add_argument("--per-image", type=int, default=8, metavar="K", help="boxes per image (default 8, the paper's)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes: selective search runs N at once; the detector gets N-1 image decoders")
+    p.add_argument("--nms-iou", type=float, default=0.5, help="IoU of the non-maximum suppression (default 0.5)")
+    ss = p.add_argument_group("selective search (docs/proposals.md)")
+    ss.add_argument("--mode", choices=("fast", "quality"), default="fast", help="OpenCV's strategy (default fast)")
+    ss.add_argument("--max-side", type=int, default=512, help="search a copy shrunk to this longest side (default 512)")
+    ss.add_argument("--min-side", type=float, default=None, help="drop boxes with a side under this many pixels (16)")
+    ss.add_argument("--min-size", type=float, default=None, help="drop boxes with sqrt(wh/WH) under this (0.1)")
+    ss.add_argument("--max-size", type=float, default=None, help="drop boxes with sqrt(wh/WH) over this (0.8, SoCo's)")
+    ss.add_argument("--max-aspect", type=float, default=None, help="drop boxes with w/h over this or under its inverse (3)")
+    det = p.add_argument_group("detector")
+    det.add_argument("--checkpoint", help="a drcl finetune checkpoint (train it with --set data.class_agnostic=true)")
+    det.add_argument("--config", help="config for eval.batch_size, eval.score_threshold, train.device, train.threads")
+    det.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_on_bad(p)
+    p.set_defaults(func=cmd_proposals)
+
     p = sub.add_parser("pretrain", help="2DRCL pre-training (torchrun for several processes)")
     p.add_argument("--config", required=True, help="YAML config (see configs/ and docs/config.md)")
     p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, tb/, checkpoints/")
@@ -338,6 +361,48 @@ def cmd_upstream(args) -> int:
     return _train_command(args, lambda cfg: upstream(cfg, args.out, resume=args.resume))
 
 
+def cmd_proposals(args) -> int:
+    from drcl.data.selective_search import FilterSettings
+    from drcl.proposals import (detector_proposals, read_input, selective_search_proposals, summary_line,
+                                write_proposals)
+
+    if args.per_image < 1 or args.workers < 1:
+        raise _UsageError("--per-image and --workers must be at least 1")
+    if not 0 < args.nms_iou <= 1:
+        raise _UsageError(f"--nms-iou must lie in (0, 1], got {args.nms_iou}")
+    if args.method == "detector":
+        from drcl.config import ConfigError, load_config
+
+        if not args.checkpoint:
+            raise _UsageError("--method detector needs --checkpoint RUN/checkpoints/last.pt (a drcl finetune run)")
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except ConfigError as e:
+            raise _UsageError(str(e)) from None
+    else:
+        if args.checkpoint or args.config or args.overrides:
+            raise _UsageError("--checkpoint, --config and --set apply to --method detector only")
+        try:
+            given = {k: getattr(args, k) for k in ("min_side", "min_size", "max_size", "max_aspect")}
+            settings = FilterSettings(**{k: v for k, v in given.items() if v is not None})
+        except ValueError as e:
+            raise _UsageError(str(e)) from None
+        from drcl.data.selective_search import ximgproc
+
+        ximgproc()  # a missing OpenCV now, not after reading every image
+    ann = read_input(args.input, args.images, args.on_bad)
+    if args.method == "detector":
+        records, seconds = detector_proposals(ann, args.checkpoint, cfg, args.per_image, args.workers, args.nms_iou)
+    else:
+        records, seconds = selective_search_proposals(ann, args.per_image, args.workers, args.mode, args.max_side,
+                                                      settings, args.nms_iou, args.on_bad)
+    _report_skipped(ann)
+    write_proposals(args.out, records)
+    print(summary_line(ann, records, seconds))
+    print(f"wrote {args.out}; pre-train on it with --set data.boxes=proposals --set data.proposals={args.out}")
+    return 0
+
+
 def cmd_pretrain(args) -> int:
     from drcl.pretrain import pretrain
 
@@ -365,12 +430,12 @@ def cmd_evaluate(args) -> int:
             cfg = load_config(args.config, args.overrides)
         except ConfigError as e:
             raise _UsageError(str(e)) from None
+        detector, meta = load_finetuned(args.checkpoint, cfg)
         try:
-            val = load_val(cfg)
+            val = load_val(cfg, meta.get("class_agnostic", False))
         except ConfigError as e:
             raise _UsageError(str(e)) from None
         train = _load_train_gt(args)
-        detector, meta = load_finetuned(args.checkpoint, cfg, val)
         device = pick_device(cfg["train"]["device"])
         out = Path(args.json_out).parent if args.json_out else Path(args.checkpoint).parent.parent / "eval"
         results = evaluate_model(detector.to(device), cfg, device, out, train, meta["masks"], meta["category_ids"],

@@ -36,6 +36,7 @@ DEFAULTS: dict = {
         "on_bad": "error",
         "boxes": "gt",
         "proposals": None,
+        "class_agnostic": False,
         "image_size": 160,
         "crop_scale": [0.3, 1.0],
         "workers": 2,

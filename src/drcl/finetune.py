@@ -25,7 +25,7 @@ import torch
 from torchvision.transforms import v2
 
 from drcl.config import require
-from drcl.data.annotations import Annotations, load_annotations
+from drcl.data.annotations import Annotations, load_annotations, merge_categories
 from drcl.data.dataset import DetectionDataset, collate, mask_api
 from drcl.atomic import write_json
 from drcl.engine.checkpoint import load_checkpoint
@@ -38,13 +38,15 @@ from drcl.evaluation.lvis_eval import (add_train_counts, check_evaluator, evalua
 from drcl.model.detector import build_detector
 from drcl.weights import init_model, summary_line, write_report
 
-def build_model(cfg: dict, ann: Annotations, init: str | None = None, verbose: bool = True, out_dir=None):
-    """The detector for ``ann``'s categories, initialised from ``init`` when given (any layout
+def build_model(cfg: dict, num_categories: int, segmentations: bool, init: str | None = None, verbose: bool = True,
+                out_dir=None):
+    """The detector for ``num_categories`` categories (a Mask R-CNN when ``model.masks`` is
+    set and the data has ``segmentations``), initialised from ``init`` when given (any layout
     :mod:`drcl.weights` reads); with ``verbose`` one line says what was loaded and, with
     ``out_dir``, ``OUT/init.json`` lists it."""
     m, e = cfg["model"], cfg["eval"]
-    masks = m["masks"] and any("segmentation" in a for a in ann.annotations)
-    detector = build_detector(m["preset"], num_classes=ann.num_categories + 1, norm=m["norm"], masks=masks,
+    masks = m["masks"] and segmentations
+    detector = build_detector(m["preset"], num_classes=num_categories + 1, norm=m["norm"], masks=masks,
                               imagenet=m["imagenet"], box_score_thresh=e["score_threshold"],
                               box_detections_per_img=e["max_dets"])
     if init is not None:
@@ -65,9 +67,13 @@ class _Forward:
         return {**losses, "loss": sum(losses.values())}
 
 
-def load_val(cfg: dict) -> Annotations:
+def load_val(cfg: dict, class_agnostic: bool = False) -> Annotations:
+    """The val set of ``data.val_json`` / ``data.val_images``; with ``class_agnostic`` its
+    categories merged into one, as a class-agnostic detector was trained
+    (:func:`~drcl.data.annotations.merge_categories`)."""
     require(cfg, "data.val_json", "data.val_images")
-    return load_annotations(cfg["data"]["val_json"], cfg["data"]["val_images"], check_images="header")
+    val = load_annotations(cfg["data"]["val_json"], cfg["data"]["val_images"], check_images="header")
+    return merge_categories(val) if class_agnostic else val
 
 
 def evaluate_model(detector, cfg: dict, device, out: Path, train_ann: Annotations | None, masks: bool,
@@ -75,7 +81,7 @@ def evaluate_model(detector, cfg: dict, device, out: Path, train_ann: Annotation
     """Detections on the val set (``val``, else read from ``data.val_json`` /
     ``data.val_images``), scored under LVIS rules; everything written under ``out``."""
     check_evaluator()
-    val = val if val is not None else load_val(cfg)
+    val = val if val is not None else load_val(cfg, cfg["data"]["class_agnostic"])
     if [c["id"] for c in val.categories] != category_ids:
         raise DataError(f"{val.path}: its categories differ from the ones the model was trained on")
     dets = predict(detector, DetectionDataset(val), category_ids, cfg["eval"]["batch_size"], device, progress)
@@ -107,11 +113,17 @@ def finetune(cfg: dict, out_dir: str | os.PathLike, init: str | None = None, res
     ckpt_path = Path(out_dir) / "checkpoints" / "last.pt"
     info, device, ann = prepare_run(cfg, out_dir, resume)
     try:
+        if d["class_agnostic"]:
+            ann = merge_categories(ann)
+            if info.is_main:
+                print(f"data.class_agnostic: the {len(ann.annotations)} boxes of {ann.path} are one category, 'object'")
         if evaluate and d["val_json"] and not info.distributed:
             check_evaluator()  # now, not after training
         init = init if init is not None else cfg["model"]["init"]
+        segmentations = any("segmentation" in a for a in ann.annotations)
         # a resumed run continues from its checkpoint, not from its init
-        detector, masks = build_model(cfg, ann, None if resume else init, verbose=info.is_main, out_dir=out_dir)
+        detector, masks = build_model(cfg, ann.num_categories, segmentations, None if resume else init,
+                                      verbose=info.is_main, out_dir=out_dir)
         if masks:
             mask_api()  # now, not in a data loader worker
         detector.to(device)
@@ -133,18 +145,22 @@ def finetune(cfg: dict, out_dir: str | os.PathLike, init: str | None = None, res
 
         task = Task("finetune", detector, ann, sampler, loader, round_iters, _Forward(),
                     terms=lambda result: [k for k in result if k.startswith("loss_")], finish=finish,
-                    meta={"category_ids": category_ids, "masks": masks, "init": init})
+                    meta={"category_ids": category_ids, "masks": masks, "init": init,
+                          "class_agnostic": d["class_agnostic"]})
         return train(task, cfg, out_dir, resume, info, device)
     finally:
         cleanup(info)
 
 
-def load_finetuned(checkpoint: str | os.PathLike, cfg: dict, ann: Annotations):
-    """A detector restored from a ``drcl finetune`` checkpoint."""
+def load_finetuned(checkpoint: str | os.PathLike, cfg: dict):
+    """A detector restored from a ``drcl finetune`` checkpoint (with ``cfg``'s ``eval``
+    settings: score threshold, detections per image) and the checkpoint's ``meta``
+    (``category_ids``, ``masks``, ``class_agnostic``)."""
     state = load_checkpoint(checkpoint)
     meta = state.get("meta") or {}
     if "category_ids" not in meta:
         raise DataError(f"{checkpoint}: not a drcl finetune checkpoint")
-    detector, _ = build_model({**state["config"], "eval": cfg["eval"]}, ann, verbose=False)
+    detector, _ = build_model({**state["config"], "eval": cfg["eval"]}, len(meta["category_ids"]), meta["masks"],
+                              verbose=False)
     detector.load_state_dict(state["model"])
     return detector, meta

@@ -1,4 +1,5 @@
-"""``drcl pretrain``: 2DRCL pre-training on a COCO / LVIS training set.
+"""``drcl pretrain``: 2DRCL pre-training on a COCO / LVIS training set, or on a folder of
+images alone (``data.train_json`` left out) with boxes from a proposals file.
 
 Annotations -> dataset with a box source (ground truth, proposals or random boxes) and two
 box-aware views -> repeat-factor sampler (dynamic: alpha from ``sampler.alpha_start`` to
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from drcl.config import drcl_config
+from drcl.config import ConfigError, drcl_config
 from drcl.data.boxes import ProposalBoxes, RandomBoxes, load_proposals
 from drcl.data.dataset import DetectionDataset
 from drcl.engine.distributed import cleanup
@@ -68,13 +69,22 @@ def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
     ``tb/``, ``checkpoints/last.pt`` and, at the end, ``encoder.pt``."""
     d, t = cfg["data"], cfg["train"]
     ckpt_path = Path(out_dir) / "checkpoints" / "last.pt"
-    info, device, ann = prepare_run(cfg, out_dir, resume)
+    if d["boxes"] == "gt" and not d["train_json"]:
+        raise ConfigError("data.boxes is 'gt' but data.train_json is not set: pre-training on an image folder "
+                          "takes its boxes from a proposals file (data.boxes: proposals, made by drcl proposals) "
+                          "or data.boxes: random")
+    info, device, ann = prepare_run(cfg, out_dir, resume, images_only=True)
     try:
         source = None
+        if d["boxes"] == "gt" and not ann.annotations:
+            raise ConfigError(f"{ann.path} has no annotations, so data.boxes 'gt' has no boxes: use data.boxes: "
+                              "proposals (drcl proposals) or random")
         if d["boxes"] == "proposals":
             source = ProposalBoxes(load_proposals(d["proposals"], ann))
         elif d["boxes"] == "random":
             source = RandomBoxes()
+        if source is not None and cfg["model"]["supervised"] and info.is_main:
+            print(f"data.boxes is '{d['boxes']}': its boxes have no category, so LCL has no supervised positives")
         views = TwoViewTransform(size=d["image_size"], scale=tuple(d["crop_scale"]))
         dataset = DetectionDataset(ann, transforms=_Compose(source, views), masks=False)
         sampler, loader, round_iters = make_loader(cfg, ann, dataset, collate_views, info)
@@ -82,7 +92,9 @@ def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
         if cfg["model"]["init"] and not resume:  # a resumed run continues from its checkpoint
             start_from(model, cfg, out_dir, info.is_main)
         model.to(device)
-        health = Health(model, fixed_batch(DetectionDataset(ann, masks=False), d["image_size"]),
+        # the health batch's boxes are the run's own (proposals) where they do not change with the RNG
+        plain = DetectionDataset(ann, transforms=source if d["boxes"] == "proposals" else None, masks=False)
+        health = Health(model, fixed_batch(plain, d["image_size"]),
                         every=t["health_every"], warmup=t["warmup_iters"], max_iters=t["max_iters"],
                         say=tqdm.write if info.is_main else (lambda text: None))
 

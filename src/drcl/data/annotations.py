@@ -209,6 +209,80 @@ def load_annotations(
     )
 
 
+#: Files an image folder is read for (case-insensitive).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def load_image_folder(
+    images_dir: str | os.PathLike,
+    on_bad: str = "error",
+    check_images: str = "header",
+    progress: bool = False,
+) -> Annotations:
+    """An :class:`Annotations` of the images in a folder (searched recursively for
+    :data:`IMAGE_EXTENSIONS`), without annotations or categories: for pre-training on images
+    alone, with boxes from a proposals file.
+
+    Each image record is ``{"id", "file_name": path, "width", "height"}`` with ``path``
+    relative to the folder (``/`` separators); the id is the file's place, from 1, in the sorted
+    list of all the folder's image files, so ``drcl proposals`` and ``drcl pretrain`` give a
+    folder the same ids, and a file skipped as bad moves no other file's id. (Ids stay small:
+    the LCL queue packs image and box ids into one int64.) Every file is opened
+    (``check_images="header"``) or also fully decoded (``"decode"``); a file that does not
+    is a :class:`DataError` naming it, or with ``on_bad="skip"`` is left out and counted.
+    """
+    if on_bad not in ("error", "skip"):
+        raise ValueError(f"on_bad must be 'error' or 'skip', not {on_bad!r}")
+    if check_images not in ("header", "decode"):
+        raise ValueError(f"check_images must be 'header' or 'decode' for a folder, not {check_images!r}")
+    from tqdm import tqdm
+
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder of images" + ("" if root.exists() else " (no such folder)"))
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    checker = _Checker(str(root), on_bad)
+    images = []
+    for image_id, name in enumerate(tqdm(files, desc="reading images", unit="img", disable=not progress), start=1):
+        size, problem = open_image_file(root / name, check_images == "decode")
+        if problem:
+            checker.bad("images", f"image id {image_id}", problem)
+            continue
+        images.append({"id": image_id, "file_name": name, "width": size[0], "height": size[1]})
+    if not images:
+        raise DataError(f"{root}: none of its {len(files)} image files could be read")
+    return Annotations(path=str(root), images=images, annotations=[], categories=[], images_dir=str(root),
+                       skipped=checker.skipped)
+
+
+#: The one category of a class-agnostic detector (:func:`merge_categories`).
+OBJECT_CATEGORY = {"id": 1, "name": "object"}
+
+
+def merge_categories(ann: Annotations) -> Annotations:
+    """The same file with every category merged into one, :data:`OBJECT_CATEGORY`: for
+    training and scoring a class-agnostic detector whose detections become proposals.
+
+    Annotations keep their ids and boxes with ``category_id`` 1. An image's LVIS
+    ``not_exhaustive_category_ids`` become ``[1]`` when it listed any category (its objects
+    are not all annotated) and ``neg_category_ids`` become ``[]`` (a category known to be
+    absent says nothing about objects in general)."""
+    images = []
+    for img in ann.images:
+        img = dict(img)
+        if "not_exhaustive_category_ids" in img:
+            img["not_exhaustive_category_ids"] = [1] if img["not_exhaustive_category_ids"] else []
+        if "neg_category_ids" in img:
+            img["neg_category_ids"] = []
+        images.append(img)
+    annotations = [{**a, "category_id": OBJECT_CATEGORY["id"]} for a in ann.annotations]
+    return Annotations(path=ann.path, images=images, annotations=annotations, categories=[dict(OBJECT_CATEGORY)],
+                       images_dir=ann.images_dir, skipped=ann.skipped)
+
+
 def read_json(path: str, what: str = "JSON file"):
     """Parse a JSON file; a missing, empty, non-UTF-8 or malformed file is a one-line
     :class:`DataError` naming the file (``what`` says what was expected)."""
@@ -342,24 +416,31 @@ class _Checker:
         return bad
 
 
+def open_image_file(file, decode: bool) -> tuple[tuple[int, int] | None, str | None]:
+    """``((width, height), None)`` for an image file that opens (and, with ``decode``, whose
+    pixels all decode), else ``(None, problem)`` with a one-line problem naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as im:
+            if decode:
+                im.load()
+            return im.size, None
+    except FileNotFoundError:
+        return None, f"image file {file} not found"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return None, f"image file {file} cannot be decoded ({e})"
+
+
 def image_file_problem(rec: dict, images_dir: str | os.PathLike, decode: bool = False) -> str | None:
     """What is wrong with an image record's file in ``images_dir`` (missing, not an image, of
     another size than the record says; with ``decode`` also pixels that do not decode), or
     ``None``."""
-    from PIL import Image, UnidentifiedImageError
-
     file = find_image_file(rec, images_dir)
-    try:
-        with Image.open(file) as im:
-            if im.size != (rec["width"], rec["height"]):
-                return f"file {file} is {im.size[0]}x{im.size[1]} but the record says {rec['width']}x{rec['height']}"
-            if decode:
-                im.load()
-    except FileNotFoundError:
-        return f"image file {file} not found"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return f"image file {file} cannot be decoded ({e})"
-    return None
+    size, problem = open_image_file(file, decode)
+    if problem is None and size != (rec["width"], rec["height"]):
+        problem = f"file {file} is {size[0]}x{size[1]} but the record says {rec['width']}x{rec['height']}"
+    return problem
 
 
 def _box_problem(bbox, image: dict) -> str | None:

@@ -16,15 +16,16 @@ from collections import defaultdict
 import torch
 from torchvision import tv_tensors
 
-from drcl.data.annotations import Annotations, read_json
+from drcl.data.annotations import Annotations, image_file_name, read_json
 from drcl.errors import DataError
 
 
 def load_proposals(path, annotations: Annotations, max_per_image: int = 100, min_score: float = 0.0) -> dict:
     """Read a COCO results file (``[{"image_id", "bbox": [x, y, w, h], "score"}, ...]``) into
     image id -> (K, 4) XYXY float tensor, the ``max_per_image`` highest-scoring boxes with
-    score >= ``min_score``, clipped to the image. Unknown image ids and malformed records are
-    a :class:`DataError` naming the file and the record index."""
+    score >= ``min_score``, clipped to the image. Unknown image ids, malformed records and
+    records whose optional ``file_name`` (``drcl proposals`` writes it) is not that of the
+    image with their id are a :class:`DataError` naming the file and the record index."""
     path = str(path)
     records = read_json(path, "JSON list of proposals")
     if not isinstance(records, list):
@@ -37,6 +38,9 @@ def load_proposals(path, annotations: Annotations, max_per_image: int = 100, min
             raise DataError(f"{where}: needs 'image_id' and 'bbox'")
         if rec["image_id"] not in images:
             raise DataError(f"{where}: unknown image id {rec['image_id']}")
+        if "file_name" in rec and rec["file_name"] != image_file_name(images[rec["image_id"]]):
+            raise DataError(f"{where}: image id {rec['image_id']} is {rec['file_name']} in the proposals but "
+                            f"{image_file_name(images[rec['image_id']])} here (were the proposals made for other images?)")
         box, score = rec["bbox"], rec.get("score", 1.0)
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
             raise DataError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {box!r}")

@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from drcl.config import dump_config, require
-from drcl.data.annotations import Annotations, load_annotations
+from drcl.data.annotations import Annotations, load_annotations, load_image_folder
 from drcl.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from drcl.engine.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from drcl.engine.loader import SeededDataset, SeededSampler
@@ -89,12 +89,14 @@ def build_optimizer(model: nn.Module, train: dict):
     return torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
 
 
-def prepare_run(cfg: dict, out_dir, resume: bool):
+def prepare_run(cfg: dict, out_dir, resume: bool, images_only: bool = False):
     """What every training command does first: check ``--resume`` against the run folder,
     pick the device, join the process group, set threads and seed, and read the training
-    annotations. Returns ``(info, device, annotations)``; call
-    :func:`~drcl.engine.distributed.cleanup` with ``info`` when done."""
-    require(cfg, "data.train_json", "data.train_images")
+    annotations. With ``images_only`` (pre-training) ``data.train_json`` may be left out: the
+    images of the folder ``data.train_images`` are read instead
+    (:func:`~drcl.data.annotations.load_image_folder`). Returns ``(info, device,
+    annotations)``; call :func:`~drcl.engine.distributed.cleanup` with ``info`` when done."""
+    require(cfg, "data.train_images") if images_only else require(cfg, "data.train_json", "data.train_images")
     d, t = cfg["data"], cfg["train"]
     ckpt_path = Path(out_dir) / "checkpoints" / "last.pt"
     if resume and not ckpt_path.exists():
@@ -107,8 +109,11 @@ def prepare_run(cfg: dict, out_dir, resume: bool):
         if t["threads"]:
             torch.set_num_threads(t["threads"])
         torch.manual_seed(cfg["seed"])
-        ann = load_annotations(d["train_json"], d["train_images"], on_bad=d["on_bad"], check_images="header",
-                               progress=info.is_main)
+        if d["train_json"]:
+            ann = load_annotations(d["train_json"], d["train_images"], on_bad=d["on_bad"], check_images="header",
+                                   progress=info.is_main)
+        else:
+            ann = load_image_folder(d["train_images"], on_bad=d["on_bad"], progress=info.is_main)
     except BaseException:
         cleanup(info)
         raise
@@ -127,12 +132,18 @@ def make_loader(cfg: dict, ann: Annotations, dataset, collate, info: DistInfo):
         raise RuntimeError(f"{ann.num_images} training images are fewer than batch_size x ranks ({batch} x {world})")
     round_iters = max(1, min(math.ceil(t["max_iters"] / s["updates"]), per_rank_batches))
     rounds = math.ceil(t["max_iters"] / round_iters)
+    mode = s["mode"]
+    if mode != "random" and not ann.annotations:
+        mode = "random"
+        if info.is_main:
+            print(f"{ann.path} has no labelled boxes: repeat factors (sampler.mode {s['mode']}) need categories, "
+                  "so images are drawn uniformly (random)")
     kwargs = {}
-    if s["mode"] == "dynamic":
+    if mode == "dynamic":
         kwargs = {"schedule": AlphaSchedule(s["schedule"], s["alpha_start"], s["alpha_end"], s["schedule_steps"]),
                   "total_epochs": rounds}
     sampler = RepeatFactorSampler(ann.image_index, ann.category_index, ann.num_images, ann.num_categories,
-                                  mode=s["mode"], threshold=s["threshold"], seed=cfg["seed"], rank=info.rank,
+                                  mode=mode, threshold=s["threshold"], seed=cfg["seed"], rank=info.rank,
                                   world_size=world, **kwargs)
     loader = DataLoader(SeededDataset(dataset), batch_size=batch, sampler=SeededSampler(sampler, cfg["seed"]),
                         collate_fn=collate, num_workers=d["workers"], persistent_workers=d["workers"] > 0,
@@ -220,7 +231,7 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
         rounds = math.ceil(t["max_iters"] / task.round_iters)
         print(f"{task.name}: {t['max_iters']} iterations on {task.ann.num_images} images "
               f"({info.world_size} process{'es' if info.world_size > 1 else ''}, {device}); sampler "
-              f"{cfg['sampler']['mode']}, {rounds} rounds of {task.round_iters} iterations"
+              f"{task.sampler.mode}, {rounds} rounds of {task.round_iters} iterations"
               + (f"; resuming at iteration {it}" if resume else ""))
 
     def save():

@@ -22,11 +22,12 @@ def _image_only(image, target):
 
 @torch.no_grad()
 def predict(detector, dataset: DetectionDataset, category_ids: list, batch_size: int = 8,
-            device: torch.device | str = "cpu", progress: bool = True) -> list[dict]:
+            device: torch.device | str = "cpu", progress: bool = True, workers: int = 0) -> list[dict]:
     """Detections for every image of ``dataset`` (its own transforms are replaced by a plain
-    conversion to float; the detector resizes and normalises)."""
+    conversion to float; the detector resizes and normalises); ``workers`` data loader
+    processes decode the images."""
     dataset = DetectionDataset(dataset.ann, dataset.images_dir, transforms=_image_only, masks=False)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
     was_training = detector.training
     detector.eval()
     results = []
