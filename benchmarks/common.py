@@ -38,13 +38,20 @@ def _logged(log: Path | None, fn, args):
         log.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1), os.dup2(fd, 2)
-    return fn(*args)
+    try:
+        return fn(*args)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()  # into the log; the parent prints one line
+        raise
 
 
 def in_processes(fn, calls: list[tuple], jobs: int, logs: list[Path] | None = None):
     """Yield ``fn(*args)`` for each ``args`` in ``calls``: in order in this process when ``jobs``
     is 1, else ``jobs`` at a time in spawned processes (CUDA cannot be forked) as they finish,
-    each with its output sent to its entry of ``logs``."""
+    each with its output sent to its entry of ``logs``. There a call that fails is reported in
+    one line (its log has the traceback) and the others go on."""
     if jobs <= 1:
         for args in calls:
             yield fn(*args)
@@ -56,4 +63,8 @@ def in_processes(fn, calls: list[tuple], jobs: int, logs: list[Path] | None = No
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_logged, log, fn, args) for log, args in zip(logs, calls)]
         for done in concurrent.futures.as_completed(futures):
-            yield done.result()
+            try:
+                yield done.result()
+            except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+                where = logs[futures.index(done)]
+                print(f"a run failed ({type(e).__name__}: {e}); see {where}", flush=True)

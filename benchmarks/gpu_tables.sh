@@ -2,9 +2,11 @@
 # The CPU-hours tables on one GPU machine with many cores, as one command with a time limit,
 # run side by side as parallel processes of 1 thread each, all on the one GPU (the tiny preset
 # uses little of it):
-#   1. benchmarks/tail_gain.py from random init (3 seeds, ROWS, 300 pre-training iterations);
+#   1. benchmarks/tail_gain.py from random init (3 seeds, ROWS, 300 pre-training iterations),
+#      with the box-source rows (ground truth = full, selective search, detector, random boxes);
 #   2. benchmarks/tail_gain.py --upstream, the paper's setting (UP_ROWS);
-#   3. benchmarks/probe_length.py for recipe variants (VARIANTS below), 300 iterations.
+#   3. benchmarks/probe_length.py for recipe variants (VARIANTS below, none by default), 300 iterations.
+# Rows run row-major in ROWS order, so a run cut off by BUDGET_S loses the last rows, not a seed.
 #
 #   benchmarks/gpu_tables.sh OUT [BUDGET_S]            # e.g. on an H200 with 16 cores
 #   SMOKE=1 benchmarks/gpu_tables.sh OUT 600          # toy sizes on the CPU, to check the command
@@ -28,14 +30,14 @@ fi
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 WORK=${WORK:-/tmp/drcl-tables}
 mkdir -p "$WORK"
-TG_JOBS=${TG_JOBS:-6}
+TG_JOBS=${TG_JOBS:-9}
 UP_JOBS=${UP_JOBS:-6}
 VAR_JOBS=${VAR_JOBS:-1}
-ROWS=${ROWS:-random full random_same_ft no_drb no_ar no_sr hcl hcl_lcl supervised}
+ROWS=${ROWS:-random full random_same_ft no_drb no_ar no_sr hcl boxes_ss boxes_random boxes_detector hcl_lcl supervised}
 UP_ROWS=${UP_ROWS:-random random_same_ft full no_drb no_ar no_sr hcl}
 SEEDS=${SEEDS:-0 1 2}
 # recipe variants for the HCL gap: name and --set overrides
-VARIANTS=${VARIANTS:-"base: tau0.1:model.temperature=0.1 queue256:model.hcl_queue=256"}
+VARIANTS=${VARIANTS-}  # e.g. "base: tau0.1:model.temperature=0.1 queue256:model.hcl_queue=256"
 if [ -n "${SMOKE:-}" ]; then
   SIZES="--train-images 40 --classes 8 --pretrain-iters 3 --finetune-iters 3"; LENGTH=3
   UP_SIZES="--upstream-classes 10 --upstream-images 40 --upstream-iters 3"

@@ -20,6 +20,12 @@ Diagnostic rows, not in the default set (``--rows`` names them):
     alpha_instance   full, alpha held at 0 (instance-level rebalancing) all through
     supervised_lcl   full, with same-category boxes as extra LCL positives
     no_hcl           full without HCL (DESIGN.md §3: image-level contrast alone hurt box features)
+    boxes_random     full with random boxes instead of ground truth (LCL self-supervised)
+    boxes_ss         full with 8 selective-search proposals per image (``drcl proposals``)
+    boxes_detector   full with 8 proposals per image from a class-agnostic detector (``drcl
+                     finetune --set data.class_agnostic=true``, ``--finetune-iters`` iterations
+                     on the same train set; ``drcl proposals --method detector``)
+A box-source row makes its seed's proposals first (its own, so rows do not wait on each other).
 
 ``--probe-only`` skips fine-tuning (the probe is minutes, detection AP is most of a row's time):
 use it with its own ``--out`` for sweeps such as the alpha rows.
@@ -104,6 +110,9 @@ DIAGNOSTIC = {
     "alpha_instance": ["sampler.alpha_start=0.0"],
     "supervised_lcl": ["model.supervised=true"],
     "no_hcl": ["model.hcl=false"],
+    "boxes_random": ["data.boxes=random"],
+    "boxes_ss": "proposals",
+    "boxes_detector": "proposals",
 }
 OVERRIDES = {**ROWS, **DIAGNOSTIC}
 METRICS = ("AP", "APr", "APc", "APf")
@@ -191,6 +200,31 @@ def make_upstream(data: Path, args, seed: int) -> str:
     return f"{result['classifier']} (val top-1 {result['val_top1']:.3f})"
 
 
+def _proposals_file(data: Path, row: str) -> Path:
+    return data.parent / f"proposals-{data.name}" / f"{row.removeprefix('boxes_')}.json"
+
+
+def make_proposals(data: Path, args, seed: int, row: str) -> str:
+    """The seed's proposals for a box-source row (made once): selective search on the train
+    images, or a class-agnostic detector fine-tuned on them."""
+    from drcl.proposals import detector_proposals, read_input, selective_search_proposals, write_proposals
+
+    path = _proposals_file(data, row)
+    if path.exists():
+        return str(path)
+    ann = read_input(data / "annotations" / "train.json", data / "images" / "train", progress=False)
+    if row == "boxes_ss":
+        records, seconds = selective_search_proposals(ann, progress=False)
+    else:
+        cfg = _finetune_cfg(data, seed, args, args.finetune_iters)
+        cfg["data"]["class_agnostic"] = True
+        run = path.parent / "detector"
+        finetune(cfg, run, evaluate=False)
+        records, seconds = detector_proposals(ann, run / "checkpoints" / "last.pt", cfg, progress=False)
+    write_proposals(path, records)
+    return f"{path} ({seconds * 1000:.0f} ms per image)"
+
+
 def _pretrain_base(data: Path, seed: int, args, iters: int) -> list[str]:
     threads = [f"train.threads={args.threads}"] if args.threads else []
     init = [f"model.init={_upstream_file(data)}"] if args.upstream else []
@@ -226,7 +260,13 @@ def run_row(row: str, seed: int, data: Path, out: Path, args) -> dict:
         record["matched"] = matched_extra_iters(data, seed, args, out)
         extra_iters = record["matched"]["extra_iters"]
     weights, start = (str(_upstream_file(data)) if args.upstream else None), time.perf_counter()
-    if OVERRIDES[row] == "supervised":
+    if OVERRIDES[row] == "proposals":
+        record["proposals"] = make_proposals(data, args, seed, row)
+        start = time.perf_counter()
+        pretrain(load_config("tiny", base + ["data.boxes=proposals", f"data.proposals={_proposals_file(data, row)}"]),
+                 out / "pretrain")
+        weights = str(out / "pretrain" / "encoder.pt")
+    elif OVERRIDES[row] == "supervised":
         if args.upstream:
             raise SystemExit("tail_gain: the supervised row is not defined with --upstream")
         weights = str(supervised_pretrain(load_config("tiny", base), out / "pretrain"))
@@ -329,9 +369,10 @@ def main() -> None:
     out = Path(args.out)
     todo = []
     for seed in [] if args.report_only else args.seeds:
-        data = out / f"data-seed{seed}"
-        make_data(data, args, seed)
-        for row in args.rows:
+        make_data(out / f"data-seed{seed}", args, seed)
+    for row in [] if args.report_only else args.rows:  # row-major: a cut-off run has whole rows
+        for seed in args.seeds:
+            data = out / f"data-seed{seed}"
             run_dir = out / f"{row}-seed{seed}"
             if (run_dir / "record.json").exists() and (
                     args.probe_only or json.loads((run_dir / "record.json").read_text())["detection"]):
