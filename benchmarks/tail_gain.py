@@ -274,6 +274,11 @@ def run_row(row: str, seed: int, data: Path, out: Path, args) -> dict:
         pretrain(load_config("tiny", base + OVERRIDES[row]), out / "pretrain")
         weights = str(out / "pretrain" / "encoder.pt")
     record["pretrain_s"] = time.perf_counter() - start
+    health = out / "pretrain" / "health.json"
+    if health.exists():  # the end-of-run training-health window (gaps, box spread)
+        window = json.loads(health.read_text())["window"]
+        record["health"] = {k: window.get(k) for k in ("hcl_gap", "hcl_batch_gap", "lcl_gap", "lcl_batch_gap",
+                                                       "box_cos", "box_erank")}
     probe_cfg = load_config("tiny", base)
     record["weight_change"] = weight_change(weights, probe_cfg) if weights and OVERRIDES[row] is not None else 0.0
     record["probe"] = run_probe(probe_cfg, weights, seed=seed, progress=False)
