@@ -50,7 +50,7 @@ def box_crops(images, targets, size: int, generator: torch.Generator | None = No
     side first). Returns ``(crops (N, 3, size, size), labels (N,) in 0..C-1)``."""
     crops, labels = [], []
     for image, target in zip(images, targets):
-        boxes = target["boxes"].as_subclass(torch.Tensor).float()
+        boxes = target["boxes"].as_subclass(torch.Tensor).float().to(image.device)  # the val set's stay on the host
         if boxes.numel() == 0:
             continue
         if generator is not None:
@@ -61,7 +61,7 @@ def box_crops(images, targets, size: int, generator: torch.Generator | None = No
             boxes = torch.stack([boxes[:, 0].clamp(0, w - 1), boxes[:, 1].clamp(0, h - 1),
                                  boxes[:, 2].clamp(1, w), boxes[:, 3].clamp(1, h)], dim=1)
         crops.append(roi_align(image[None].float(), [boxes], output_size=size, aligned=True))
-        labels.append(target["labels"].as_subclass(torch.Tensor) - 1)
+        labels.append(target["labels"].as_subclass(torch.Tensor).to(image.device) - 1)
     if not crops:
         return None, None
     mean = torch.tensor(IMAGENET_MEAN, device=crops[0].device).view(1, 3, 1, 1)
@@ -96,7 +96,7 @@ def crop_accuracy(model: nn.Module, dataset: DetectionDataset, size: int, device
         crops, labels = box_crops([to_float(im).to(device) for im in images], targets, size)
         if crops is None:
             continue
-        right += int((model(crops).argmax(1).cpu() == labels).sum())
+        right += int((model(crops).argmax(1) == labels).sum())
         total += labels.numel()
     model.train(was_training)
     return right / max(total, 1)
