@@ -27,7 +27,7 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import faster_coco_eval" 2>/dev/
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 WORK=${WORK:-/tmp/drcl-tables}
 mkdir -p "$WORK"
 TG_JOBS=${TG_JOBS:-9}
@@ -91,6 +91,6 @@ records = {d.name: [json.loads(p.read_text()) for p in sorted(d.glob("L*-seed*/r
            for d in sorted(work.glob("variant-*"))}
 Path(sys.argv[2]).write_text(json.dumps(records, indent=1))
 EOF
-tail -n 30 "$WORK"/tail_gain.log "$WORK"/upstream.log > "$OUT/logs.txt"; for f in "$WORK"/variant-*.log; do tail -n 5 "$f" >> "$OUT/logs.txt"; done
+tail -n 30 "$WORK"/tail_gain.log "$WORK"/upstream.log > "$OUT/logs.txt"; for f in "$WORK"/variant-*.log; do [ -e "$f" ] && tail -n 5 "$f" >> "$OUT/logs.txt"; done
 cat "$OUT/tail_gain.md" "$OUT/upstream.md" "$OUT/variants.md"
 echo "total $(( $(date +%s) - start )) s"
