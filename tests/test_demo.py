@@ -29,6 +29,7 @@ def test_demo_writes_a_report_with_both_rows(tmp_path):
     # the baseline fine-tuned longer: the pre-training's counted FLOPs in fine-tuning steps
     assert results["extra"] == math.ceil(3 * results["pretrain_flops_per_iter"] / results["finetune_flops_per_iter"])
     assert "| stage | iterations | minutes | s / iteration |" in text
+    assert "Which comparison: 2DRCL from random init against random init given the same total compute" in text
     assert f"| fine-tuning from random init (+ evaluation) | {3 + results['extra']} |" in text
     rows = (tmp_path / "demo" / "finetune-random" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(rows[-1])["iter"] == 3 + results["extra"]
