@@ -70,7 +70,9 @@ conventions, frequency-group means over the precision array) is the same in both
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import io
 import itertools
 import math
@@ -510,6 +512,28 @@ def evaluate_detections(
         raise ValueError(f"iou_type must be 'bbox' or 'segm', not {iou_type!r}")
     if not _is_int(max_dets) or max_dets < 1:
         raise ValueError(f"max_dets must be a positive integer, not {max_dets!r}")
+    with _gc_paused():
+        return _evaluate(gt, detections, iou_type, max_dets)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause Python's cyclic garbage collector (restored on exit). Scoring builds about a
+    million small, acyclic dicts and lists (the JSON records and faster-coco-eval's per
+    image x category tables); with the collector on, its repeated full passes over them were
+    a quarter of the time at 5,000 images (BENCHMARKS.md). Reference counting still frees
+    everything that is dropped."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _evaluate(gt, detections, iou_type: str, max_dets: int) -> dict:
+    """:func:`evaluate_detections` after its argument checks."""
     ann = gt if isinstance(gt, Annotations) else load_annotations(gt)
     gt_dict, dropped = _ground_truth(ann, iou_type)
 
