@@ -12,12 +12,18 @@ categories), then times, each from the two JSON files:
 and checks that the nine numbers agree to 1e-4. lvis 0.5.3 calls ``np.float`` (removed in
 NumPy 2); this script restores it around the lvis-api call only.
 
-    PYTHONPATH=src python benchmarks/evaluation.py [--images 5000] [--repeats 2]
+``--breakdown`` adds one more drcl run with timers on its stages, to say where drcl's time
+goes: JSON parsing, drcl's own Python (validation, the top-300 cap, the federated drop, the
+records handed over), faster-coco-eval's Python (its COCO indexes, ``_prepare`` and the
+image x category IoU tables of ``evaluate``) and faster-coco-eval's C++ evaluate + accumulate.
+
+    PYTHONPATH=src python benchmarks/evaluation.py [--images 5000] [--repeats 2] [--breakdown]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -96,6 +102,76 @@ def run_drcl(gt_path: str, det_path: str) -> dict:
     return evaluate_detections(gt_path, det_path, iou_type="bbox")
 
 
+# stage -> seconds, filled by the timers of drcl_breakdown
+STAGES = {
+    "read": "ground truth: read JSON + validate (drcl)",
+    "json": "detections: parse JSON (Python's json)",
+    "drcl": "drcl: validate, top-300 cap, federated drop, records",
+    "index": "faster-coco-eval: COCO indexes (Python)",
+    "prepare": "faster-coco-eval: _prepare (Python)",
+    "pairs": "faster-coco-eval: image x category IoU tables (Python)",
+    "cpp": "faster-coco-eval: evaluate + accumulate (C++)",
+    "setup": "faster-coco-eval: COCOeval setup, accumulate, summarize",
+}
+
+
+def drcl_breakdown(gt_path: str, det_path: str) -> tuple[float, dict]:
+    """One drcl run with timers wrapped around its stages: (total seconds, {stage: seconds});
+    ``pairs`` is faster-coco-eval's ``evaluate`` less its ``_prepare`` and its C++ call, and the
+    total less every stage is the rest: freeing the records and faster-coco-eval's tables on
+    return (most of it), per-category AP, the result dict."""
+    import faster_coco_eval
+    import faster_coco_eval.core.faster_eval_api as fce_api
+    from drcl.evaluation import lvis_eval
+
+    spent = dict.fromkeys([*STAGES, "evaluate"], 0.0)
+
+    def timer(stage, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[stage] += time.perf_counter() - start
+        return timed
+
+    targets = [
+        (lvis_eval, "load_annotations", "read"), (lvis_eval, "read_json", "json"),
+        (lvis_eval, "_ground_truth", "drcl"), (lvis_eval, "_detections", "drcl"),
+        (faster_coco_eval.COCO, "__init__", "index"),
+        (faster_coco_eval.COCOeval_faster, "_prepare", "prepare"),
+        (faster_coco_eval.COCOeval_faster, "evaluate", "evaluate"),
+        (fce_api._C, "COCOevalEvaluateAccumulate", "cpp"),
+        (faster_coco_eval.COCOeval_faster, "__init__", "setup"),
+        (faster_coco_eval.COCOeval_faster, "accumulate", "setup"),
+        (faster_coco_eval.COCOeval_faster, "summarize", "setup"),
+    ]
+    with contextlib.ExitStack() as restore:
+        for owner, name, stage in targets:
+            original = getattr(owner, name)
+            restore.callback(setattr, owner, name, original)
+            setattr(owner, name, timer(stage, original))
+        start = time.perf_counter()
+        run_drcl(gt_path, det_path)
+        total = time.perf_counter() - start
+    spent["pairs"] = spent.pop("evaluate") - spent["prepare"] - spent["cpp"]
+    return total, spent
+
+
+def print_breakdown(total: float, spent: dict) -> None:
+    print(f"{'drcl, one run with stage timers':<58}{'seconds':>9}{'share':>8}")
+    for stage, label in STAGES.items():
+        print(f"{label:<58}{spent[stage]:>9.2f}{spent[stage] / total:>8.0%}")
+    rest = total - sum(spent.values())
+    print(f"{'the rest: freeing records and tables, per-category AP':<58}{rest:>9.2f}{rest / total:>8.0%}")
+    print(f"{'total':<58}{total:>9.2f}")
+    fce = sum(spent[s] for s in ("index", "prepare", "pairs", "cpp", "setup"))
+    own = spent["read"] + spent["drcl"]
+    print(f"faster-coco-eval {fce:.2f} s ({fce / total:.0%}: C++ {spent['cpp']:.2f}, Python "
+          f"{fce - spent['cpp']:.2f}); drcl's Python {own:.2f} s ({own / total:.0%}); JSON parsing of "
+          f"the detections {spent['json']:.2f} s; the rest {rest:.2f} s")
+
+
 def run_lvis_api(gt_path: str, det_path: str) -> dict:
     from lvis import LVIS, LVISEval, LVISResults
 
@@ -121,6 +197,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="best of this many drcl runs")
     parser.add_argument("--lvis-repeats", type=int, default=1, help="best of this many lvis-api runs")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="one more drcl run with timers: where its time goes")
     args = parser.parse_args(argv)
     logging.getLogger("lvis").setLevel(logging.ERROR)
 
@@ -138,6 +216,7 @@ def main(argv=None) -> None:
         )
         t_ours, ours = best_of(lambda: run_drcl(gt_path, det_path), args.repeats)
         t_lvis, theirs = best_of(lambda: run_lvis_api(gt_path, det_path), args.lvis_repeats)
+        breakdown = drcl_breakdown(gt_path, det_path) if args.breakdown else None
 
     worst = max(abs(ours[m] - theirs[m]) for m in METRICS)
     print("        " + "".join(f"{m:>8}" for m in METRICS))
@@ -158,6 +237,9 @@ def main(argv=None) -> None:
         f"| LVIS bbox eval, {args.images:,} images x {args.dets} dets, "
         f"{len(gt['categories'])} categories | {t_ours:.2f} | {t_lvis:.2f} | {t_lvis / t_ours:.1f}x |"
     )
+    if breakdown is not None:
+        print()
+        print_breakdown(*breakdown)
     if worst > 1e-4:
         raise SystemExit("drcl and lvis-api disagree")
 

@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import gc
 import json
 import math
 
@@ -336,6 +337,47 @@ def test_federated_rules(tmp_path):
     # of an annotated, exhaustive category: a false positive ranked first
     annotated = evaluate_detections(gt, hits + [_det(1, [0, 60, 20, 20], 0.9)])
     assert annotated["APf"] < 0.6
+
+
+def test_negative_list_membership_is_equality(tmp_path):
+    """The federated drop happens before faster-coco-eval sees the detections; it must read a
+    negative list as lvis-api does (``cat_id in list``): 2.0 names category 2, an unhashable
+    entry names none."""
+    gt = json.loads(_one_image_gt(tmp_path).read_text())
+    gt["images"].append({"id": 2, "width": 100, "height": 100, "file_name": "b.jpg"})
+    gt["annotations"].append({"id": 2, "image_id": 2, "category_id": 2, "bbox": [10, 10, 40, 40], "area": 1600})
+    hits = [_det(1, [10, 10, 40, 40], 0.5), _det(3, [60, 60, 30, 30], 0.5),
+            {"image_id": 2, "category_id": 2, "bbox": [10, 10, 40, 40], "score": 0.5}]
+    fp = _det(2, [0, 60, 20, 20], 0.9)  # category 2 on image 1, which lists it as negative
+
+    def apc(neg):
+        gt["images"][0]["neg_category_ids"] = neg
+        path = tmp_path / "gt2.json"
+        path.write_text(json.dumps(gt))
+        return evaluate_detections(path, hits + [fp])["APc"]
+
+    assert apc([]) == pytest.approx(1.0)  # unverified: dropped
+    counted = apc([2])
+    assert counted < 0.6  # negative: a false positive ranked first
+    assert apc([2.0]) == counted
+    assert apc([[2], 2]) == counted and apc([[2]]) == pytest.approx(1.0)
+
+
+def test_garbage_collector_state_is_restored(tmp_path):
+    gt = _one_image_gt(tmp_path)
+    hits = [_det(1, [10, 10, 40, 40], 0.5)]
+    assert gc.isenabled()
+    evaluate_detections(gt, hits)
+    assert gc.isenabled()
+    with pytest.raises(DataError):
+        evaluate_detections(gt, [_det(9, [10, 10, 40, 40], 0.5)])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        evaluate_detections(gt, hits)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_top_300_per_image_over_all_categories(tmp_path):

@@ -70,7 +70,9 @@ conventions, frequency-group means over the precision array) is the same in both
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import io
 import itertools
 import math
@@ -269,9 +271,14 @@ def validate_detections(
 
 def _detections(
     detections, label: str, gt: dict, iou_type: str, max_dets: int
-) -> tuple[list[dict], int, int]:
+) -> tuple[list[dict], int, int, int]:
     """Validated detections, capped to ``max_dets`` per image, as fresh dicts for
-    faster-coco-eval; also the number capped and the number of empty masks dropped."""
+    faster-coco-eval; also the number capped, the number of empty masks dropped and the
+    number of detections the cap kept (before the federated drop).
+
+    Only the detections that LVIS evaluates (see :func:`_evaluated`) become dicts: the rest
+    would be dropped by faster-coco-eval's ``_prepare`` anyway, and building, indexing and
+    skipping them was a third of the Python time at 5,000 images (BENCHMARKS.md)."""
     _require_list(detections, label)
     if not detections:
         raise DataError(f"{label}: no detections (empty list)")
@@ -285,7 +292,7 @@ def _detections(
     fields = _fields_fast(detections, sizes, category_ids, shape_key)
     if fields is None:  # something is wrong: find the first bad record and say what
         fields = _fields_checked(detections, sizes, category_ids, shape_key, bad)
-    image_ids, score_arr, boxes, box_lists = fields
+    image_ids, category, score_arr, boxes, box_lists = fields
 
     # LVIS's rule: the max_dets highest-scoring detections of each image (all categories
     # together), ties broken by file order, as lvis-api's LVISResults.limit_dets_per_image.
@@ -299,8 +306,11 @@ def _detections(
     rank = np.arange(count) - np.repeat(group_start, group_sizes)
     keep = np.sort(order[rank < max_dets])
     capped = count - keep.size
+    evaluated = _evaluated(gt, positions, image_pos[keep], category, keep)
 
     if iou_type == "bbox":
+        n_kept = keep.size
+        keep = keep[evaluated]
         areas = (boxes[keep, 2] * boxes[keep, 3]).tolist()
         keep_list = keep.tolist()
         out = [
@@ -315,7 +325,7 @@ def _detections(
             }
             for k, (n, score, area) in enumerate(zip(keep_list, score_arr[keep].tolist(), areas), start=1)
         ]
-        return out, capped, 0
+        return out, capped, 0, n_kept
 
     from faster_coco_eval.core import mask as mask_utils
 
@@ -331,9 +341,12 @@ def _detections(
     areas = np.asarray(mask_utils.area(rles), dtype=np.float64).tolist()
     mask_boxes = np.asarray(mask_utils.toBbox(rles), dtype=np.float64).reshape(-1, 4).tolist()
     out, empty = [], 0
-    for n, score, rle, area, box in zip(keep.tolist(), score_arr[keep].tolist(), rles, areas, mask_boxes):
+    rows = zip(keep.tolist(), score_arr[keep].tolist(), rles, areas, mask_boxes, evaluated.tolist())
+    for n, score, rle, area, box, is_evaluated in rows:
         if area <= 0:  # lvis-api leaves out area-0 results (LVIS.get_ann_ids)
             empty += 1
+            continue
+        if not is_evaluated:
             continue
         d = detections[n]
         out.append(
@@ -348,11 +361,33 @@ def _detections(
                 "id": len(out) + 1,
             }
         )
-    return out, capped, empty
+    return out, capped, empty, keep.size - empty
+
+
+def _evaluated(gt: dict, positions: dict, image_pos: np.ndarray, category: list, rows: np.ndarray) -> np.ndarray:
+    """Which detections LVIS evaluates (a bool per row): those whose category is annotated on
+    their image or in its ``neg_category_ids`` (the federated rule; the others are neither true
+    nor false positives). ``image_pos`` is each row's image index (``positions[image id]``),
+    ``category[rows[k]]`` its category id. Membership follows faster-coco-eval's and lvis-api's
+    ``cat_id in list``, so a 3.0 in a negative list counts for category 3."""
+    cat_index = {cat["id"]: k for k, cat in enumerate(gt["categories"])}
+    n_cat = len(cat_index)
+    allowed = [positions[a["image_id"]] * n_cat + cat_index[a["category_id"]] for a in gt["annotations"]]
+    for img in gt["images"]:
+        for value in img["neg_category_ids"]:
+            try:
+                pos = cat_index.get(value)
+            except TypeError:  # unhashable: equal to no category id
+                continue
+            if pos is not None:
+                allowed.append(positions[img["id"]] * n_cat + pos)
+    cat_pos = np.fromiter(map(cat_index.__getitem__, map(category.__getitem__, rows.tolist())),
+                          dtype=np.int64, count=rows.size)
+    return np.isin(image_pos * n_cat + cat_pos, np.array(allowed, dtype=np.int64))
 
 
 def _fields_fast(detections: list, sizes: dict, category_ids: set, shape_key: str):
-    """(image ids, scores, boxes array, box lists) when every record is well-formed (boxes
+    """(image ids, category ids, scores, boxes array, box lists) when every record is well-formed (boxes
     ``None`` for segm), checked with C-speed set and array operations; ``None`` at the first
     sign of trouble."""
     if set(map(type, detections)) != {dict}:
@@ -374,7 +409,7 @@ def _fields_fast(detections: list, sizes: dict, category_ids: set, shape_key: st
     if not np.isfinite(score_arr).all():
         return None
     if shape_key != "bbox":
-        return image_ids, score_arr, None, None
+        return image_ids, category, score_arr, None, None
     if not (set(map(type, shapes)) == {list} and set(map(len, shapes)) == {4}):
         return None
     if not set(map(type, itertools.chain.from_iterable(shapes))) <= {int, float}:
@@ -382,13 +417,13 @@ def _fields_fast(detections: list, sizes: dict, category_ids: set, shape_key: st
     boxes = np.array(shapes, dtype=np.float64).reshape(-1, 4)
     if not (np.isfinite(boxes).all() and (boxes[:, 2:] > 0).all()):
         return None
-    return image_ids, score_arr, boxes, shapes
+    return image_ids, category, score_arr, boxes, shapes
 
 
 def _fields_checked(detections: list, sizes: dict, category_ids: set, shape_key: str, bad):
     """Record-by-record version of :func:`_fields_fast` that calls ``bad(index, problem)`` at
     the first bad record."""
-    image_ids, scores, boxes = [], [], []
+    image_ids, category, scores, boxes = [], [], [], []
     for n, d in enumerate(detections):
         problem = detection_problem(d, sizes, category_ids, shape_key)
         if problem:
@@ -396,10 +431,12 @@ def _fields_checked(detections: list, sizes: dict, category_ids: set, shape_key:
         if shape_key == "bbox":
             boxes.append([float(v) for v in d["bbox"]])
         image_ids.append(d["image_id"])
+        category.append(d["category_id"])
         scores.append(float(d["score"]))
+    score_arr = np.array(scores, dtype=np.float64)
     if shape_key != "bbox":
-        return image_ids, np.array(scores, dtype=np.float64), None, None
-    return image_ids, np.array(scores, dtype=np.float64), np.array(boxes, dtype=np.float64).reshape(-1, 4), boxes
+        return image_ids, category, score_arr, None, None
+    return image_ids, category, score_arr, np.array(boxes, dtype=np.float64).reshape(-1, 4), boxes
 
 
 def detection_problem(d, image_ids, category_ids, shape_key: str = "bbox") -> str | None:
@@ -475,11 +512,33 @@ def evaluate_detections(
         raise ValueError(f"iou_type must be 'bbox' or 'segm', not {iou_type!r}")
     if not _is_int(max_dets) or max_dets < 1:
         raise ValueError(f"max_dets must be a positive integer, not {max_dets!r}")
+    with _gc_paused():
+        return _evaluate(gt, detections, iou_type, max_dets)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause Python's cyclic garbage collector (restored on exit). Scoring builds about a
+    million small, acyclic dicts and lists (the JSON records and faster-coco-eval's per
+    image x category tables); with the collector on, its repeated full passes over them were
+    a quarter of the time at 5,000 images (BENCHMARKS.md). Reference counting still frees
+    everything that is dropped."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _evaluate(gt, detections, iou_type: str, max_dets: int) -> dict:
+    """:func:`evaluate_detections` after its argument checks."""
     ann = gt if isinstance(gt, Annotations) else load_annotations(gt)
     gt_dict, dropped = _ground_truth(ann, iou_type)
 
     detections, label = read_detections(detections)
-    dts, capped, empty = _detections(detections, label, gt_dict, iou_type, max_dets)
+    dts, capped, empty, num_detections = _detections(detections, label, gt_dict, iou_type, max_dets)
     dropped["detections"] += empty
 
     from faster_coco_eval import COCO, COCOeval_faster
@@ -522,7 +581,7 @@ def evaluate_detections(
         iou_type=iou_type,
         max_dets=max_dets,
         num_images=len(gt_dict["images"]),
-        num_detections=len(dts),
+        num_detections=num_detections,
         capped=capped,
         dropped_zero_area={"ground_truth": dropped["ground_truth"], "detections": dropped["detections"]},
         per_category=per_category,
