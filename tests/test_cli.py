@@ -247,3 +247,27 @@ def test_evaluate_with_train_counts(small_data, tmp_path, capsys):
     assert main(["evaluate", "--gt", str(ann / "val.json"), "--detections", str(path),
                  "--train-gt", str(tmp_path / "nope.json")]) == 2
     assert "nope.json: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_openmp_threads_sleep_when_idle_unless_the_user_says_otherwise(preset):
+    """OMP_WAIT_POLICY is read when torch first loads OpenMP: the CLI must set it before any
+    command imports torch, and leave a user's own value alone."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = ("import os, sys\n"
+            "from drcl import cli\n"
+            "assert 'torch' not in sys.modules, 'the CLI module imports torch before main() runs'\n"
+            "cli.main(['make-data', sys.argv[1], '--classes', '3', '--train-images', '2', '--val-images', '1',"
+            " '--image-size', '64'])\n"
+            "import torch\n"
+            "print(os.environ['OMP_WAIT_POLICY'])\n")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([sys.executable, "-c", code, tmp], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == (preset or "PASSIVE")

@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="generate data, pre-train, fine-tune 2DRCL vs random init, write a report "
-                                    "(about 15 minutes on 2 CPU cores)")
+                                    "(about 10 minutes on 2 CPU cores)")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -189,7 +189,15 @@ def version() -> str:
         return __version__
 
 
+#: GNU OpenMP's idle threads spin before they sleep; two multi-threaded jobs on the same cores
+#: then take turns spinning, and a tiny pre-training step went 4x slower beside another
+#: 2-thread job (1.3x with PASSIVE; 11 % slower alone: BENCHMARKS.md, "A busy machine").
+#: Read when OpenMP starts (the first ``import torch``), so set before any command imports it.
+WAIT_POLICY = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)  # the user's own setting wins
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args) or 0

@@ -14,7 +14,7 @@
    class against training instances and both runs' detections on the same val images with
    rare objects.
 
-The settings (:data:`DEMO`) are sized for about 15 minutes on 2 CPU cores.
+The settings (:data:`DEMO`) are sized for about 10 minutes on 2 otherwise idle CPU cores.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from drcl.sampling import expected_sampling_share, repeat_factors_for
 #: optional "overrides" list of extra ``--set`` values applies to every run (tests use it).
 DEMO = {
     "data": {"classes": 40, "train_images": 800, "val_images": 160, "image_size": 160, "imbalance": 100.0},
-    "pretrain_iters": 90,
-    "finetune_iters": 220,
+    "pretrain_iters": 60,
+    "finetune_iters": 110,
 }
 METRICS = ("AP", "AP50", "APr", "APc", "APf")  # the AP-per-group bar plot; the table has all of EVAL_METRICS
 
@@ -61,7 +61,7 @@ def _overrides(data: Path, sizes: dict, iters: int, extra=()) -> list[str]:
 def run_demo(out: str | Path, sizes: dict = DEMO) -> Path:
     out = Path(out)
     data = out / "data"
-    check_evaluator()  # the report needs both: stop now rather than after 15 minutes
+    check_evaluator()  # the report needs both: stop now rather than after 10 minutes
     pyplot("the demo report")
     print(f"[1/5] generating a long-tailed dataset in {data}")
     make_dataset(data, seed=0, **sizes["data"])
