@@ -157,3 +157,15 @@ def test_class_agnostic_detector_makes_proposals(tmp_path, ft_args, small_data, 
     assert all(len(s) == 5 and s == sorted(s, reverse=True) for s in per_image.values())
     assert {r["category_id"] for r in records} == {1}
     assert sum(len(b) for b in load_proposals(proposals, val).values()) == len(records)
+
+    # scoring the checkpoint again with training counts: "object" counts every training box
+    import csv
+
+    train_json = small_data / "annotations" / "train.json"
+    csv_out = tmp_path / "again" / "m.json"
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--config",
+                 "configs/tiny_finetune.yaml", "--json", str(csv_out), "--train-gt", str(train_json),
+                 *sum((["--set", a] for a in ft_args), [])]) == 0
+    with open(tmp_path / "again" / "per_category_bbox.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["train_instance_count"]) for r in rows] == [len(json.loads(train_json.read_text())["annotations"])]

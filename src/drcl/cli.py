@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", dest="json_out", help="write the metrics here (also per-category CSV and plot beside it)")
     p.add_argument("--train-gt", help="training annotation file: add its per-category image and instance counts "
-                                      "to the CSV and plot AP against them")
+                                      "to the CSV and plot AP against them (with --json, or --checkpoint, "
+                                      "which writes them into its eval folder)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("visualize", help="draw ground truth and detections, a gallery of chosen categories "
@@ -444,6 +445,10 @@ def cmd_evaluate(args) -> int:
         except ConfigError as e:
             raise _UsageError(str(e)) from None
         train = _load_train_gt(args)
+        if train is not None and meta.get("class_agnostic"):  # counted as the detector saw them: one "object"
+            from drcl.data.annotations import merge_categories
+
+            train = merge_categories(train)
         device = pick_device(cfg["train"]["device"])
         out = Path(args.json_out).parent if args.json_out else Path(args.checkpoint).parent.parent / "eval"
         results = evaluate_model(detector.to(device), cfg, device, out, train, meta["masks"], meta["category_ids"],

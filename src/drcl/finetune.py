@@ -120,6 +120,7 @@ def finetune(cfg: dict, out_dir: str | os.PathLike, init: str | None = None, res
         if evaluate and d["val_json"] and not info.distributed:
             check_evaluator()  # now, not after training
         init = init if init is not None else cfg["model"]["init"]
+        cfg = {**cfg, "model": {**cfg["model"], "init": init}}  # config.yaml records where the run started
         segmentations = any("segmentation" in a for a in ann.annotations)
         # a resumed run continues from its checkpoint, not from its init
         detector, masks = build_model(cfg, ann.num_categories, segmentations, None if resume else init,
@@ -160,7 +161,9 @@ def load_finetuned(checkpoint: str | os.PathLike, cfg: dict):
     meta = state.get("meta") or {}
     if "category_ids" not in meta:
         raise DataError(f"{checkpoint}: not a drcl finetune checkpoint")
-    detector, _ = build_model({**state["config"], "eval": cfg["eval"]}, len(meta["category_ids"]), meta["masks"],
-                              verbose=False)
+    # the checkpoint's weights replace everything: no need for ImageNet files on disk
+    model = {**state["config"]["model"], "imagenet": False}
+    detector, _ = build_model({**state["config"], "model": model, "eval": cfg["eval"]}, len(meta["category_ids"]),
+                              meta["masks"], verbose=False)
     detector.load_state_dict(state["model"])
     return detector, meta

@@ -94,7 +94,9 @@ def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
         model.to(device)
         # the health batch's boxes are the run's own (proposals) where they do not change with the RNG
         plain = DetectionDataset(ann, transforms=source if d["boxes"] == "proposals" else None, masks=False)
-        health = Health(model, fixed_batch(plain, d["image_size"]),
+        # no boxes to look at (images alone with random boxes): no box-spread health, and no scan for them
+        has_boxes = d["boxes"] == "proposals" or bool(ann.annotations)
+        health = Health(model, fixed_batch(plain, d["image_size"]) if has_boxes else None,
                         every=t["health_every"], warmup=t["warmup_iters"], max_iters=t["max_iters"],
                         say=tqdm.write if info.is_main else (lambda text: None))
 

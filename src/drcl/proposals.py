@@ -49,6 +49,8 @@ def read_input(path: str | os.PathLike, images: str | os.PathLike | None = None,
     folder ``images``; every image decoded once (bad ones raise or, with ``on_bad="skip"``, are
     dropped and counted in ``skipped``)."""
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
         if images is not None:
             raise DataError(f"{path} is an image folder: --images applies to an annotation file only")

@@ -119,7 +119,10 @@ def upstream(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
         def finish(out: Path):
             path = save_checkpoint(model.state_dict(), out / "classifier.pt")
             top1 = None
-            if d["val_json"]:
+            if d["val_json"] and info.distributed:
+                # rank 0 alone would score every val crop while the others wait at a barrier (NCCL's timeout)
+                print("skipping the val top-1 in a distributed run")
+            elif d["val_json"]:
                 val = load_annotations(d["val_json"], d["val_images"], check_images="header")
                 if [c["id"] for c in val.categories] != category_ids:
                     raise DataError(f"{val.path}: its categories differ from the training file's")

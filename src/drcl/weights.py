@@ -168,7 +168,7 @@ def init_model(model: nn.Module, spec: str | os.PathLike, preset: str, norm: str
         spec_ = preset_spec(preset)
         raise DataError(f"{path}: cannot start the {preset} ({spec_['backbone']}, norm {norm}) encoder from "
                         f"these {weights.layout} weights: {e}") from None
-    loaded = [prefix + k for k in weights.state]
+    loaded = [prefix + k for k in weights.state if not k.endswith(".num_batches_tracked")]  # not loaded
     done = set(loaded)
     names = _weight_names(model)
     new = [k for k in model.state_dict() if k in names and k not in done and not k.startswith(skip)]

@@ -350,6 +350,14 @@ def test_max_objects_out_of_range(bad):
         syn.plan_dataset(max_objects=bad)
 
 
+def test_crowded_scenes_need_room_for_their_smallest_objects():
+    with pytest.raises(ValueError, match="image_size=64 is too small for max_objects=32.*use image_size >= 103"):
+        syn.plan_dataset(classes=8, train_images=20, val_images=4, image_size=64, max_objects=32)
+    plan = syn.plan_dataset(classes=8, train_images=20, val_images=4, image_size=103, max_objects=32)
+    boxes = [o.bbox for im in plan.train for o in im.objects]
+    assert min(min(b[2:]) for b in boxes) >= syn.MIN_BOX_SIDE
+
+
 # --------------------------------------------------------------------------- disjoint class ranges
 
 

@@ -454,7 +454,7 @@ def _plan_image(
     for cid in labels:
         obj = _place_object(rng, int(cid), size, placed, scale)
         if obj is None or min(obj.bbox[2:]) < MIN_BOX_SIDE:
-            continue  # cannot happen for image_size >= 64; kept as a guard
+            continue  # cannot happen: _check_args keeps the smallest object >= MIN_BOX_SIDE; kept as a guard
         x, y, w, h = obj.bbox
         placed = np.concatenate([placed, [[x, y, x + w, y + h]]])
         objects.append(obj)
@@ -515,6 +515,12 @@ def _check_args(classes, train_images, val_images, image_size, imbalance, seed, 
         raise ValueError(f"imbalance must be a finite number >= 1, got {imbalance!r}")
     if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    # the smallest object's shortest visible side must stay annotatable (crowded scenes shrink objects)
+    factor = SIZE_RANGE[0] * _size_scale(max_objects) * ASPECT_RANGE[0] * (1 - MAX_CUT)
+    if image_size * factor < MIN_BOX_SIDE:
+        raise ValueError(f"image_size={image_size} is too small for max_objects={max_objects}: the smallest objects "
+                         f"would be {image_size * factor:.1f} px (need {MIN_BOX_SIDE:g}); use image_size >= "
+                         f"{math.ceil(MIN_BOX_SIDE / factor)}")
 
 
 def plan_dataset(
