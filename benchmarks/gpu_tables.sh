@@ -47,19 +47,6 @@ fi
 start=$(date +%s)
 "$PY" -c 'import os, torch; print("gpu_tables:", os.cpu_count(), "cores, torch", torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")' | tee "$OUT/machine.txt"
 
-# the datasets first, one process per seed (probe_length's variants share tail_gain's seed 0)
-for s in $SEEDS; do
-  for d in tail_gain upstream; do
-    (cd benchmarks && "$PY" -c "
-import sys; from pathlib import Path; from common import make_data_once
-n = 40 if '${SMOKE:-}' else 800
-make_data_once(Path('$WORK/$d/data-seed$s'), classes=8 if '${SMOKE:-}' else 40, train_images=n,
-               val_images=n // 5, image_size=160, imbalance=100.0, seed=$s)") &
-  done
-done
-wait
-echo "data ready after $(( $(date +%s) - start )) s"
-
 timeout "$BUDGET" "$PY" benchmarks/tail_gain.py --out "$WORK/tail_gain" --seeds $SEEDS --rows $ROWS $SIZES \
   --threads 1 --jobs "$TG_JOBS" > "$WORK/tail_gain.log" 2>&1 &
 timeout "$BUDGET" "$PY" benchmarks/tail_gain.py --out "$WORK/upstream" --upstream --seeds $SEEDS --rows $UP_ROWS \
@@ -67,7 +54,7 @@ timeout "$BUDGET" "$PY" benchmarks/tail_gain.py --out "$WORK/upstream" --upstrea
 for v in $VARIANTS; do
   name=${v%%:*}; sets=${v#*:}; args=()
   for kv in ${sets//,/ }; do args+=(--set "$kv"); done
-  timeout "$BUDGET" "$PY" benchmarks/probe_length.py --out "$WORK/variant-$name" --data "$WORK/tail_gain/data-seed0" \
+  timeout "$BUDGET" "$PY" benchmarks/probe_length.py --out "$WORK/variant-$name" --data "$WORK/variant-data" \
     --lengths "$LENGTH" --seeds $SEEDS --threads 1 --jobs "$VAR_JOBS" "${args[@]}" > "$WORK/variant-$name.log" 2>&1 &
 done
 wait

@@ -180,6 +180,10 @@ def weight_change(weights: str, cfg: dict) -> float:
     return float((moved / sum(start[k].float().pow(2).sum() for k in keys)).sqrt())
 
 
+def _threads(args) -> list[str]:
+    return [f"train.threads={args.threads}"] if args.threads else []
+
+
 def _upstream_file(data: Path) -> Path:
     return data.parent / f"upstream-{data.name}" / "run" / "classifier.pt"
 
@@ -194,8 +198,7 @@ def make_upstream(data: Path, args, seed: int) -> str:
     make_data_once(up_data, classes=args.upstream_classes, first_class=args.classes + 1, imbalance=1.0,
                    train_images=args.upstream_images, val_images=args.upstream_images // 5, image_size=160,
                    seed=seed)
-    threads = [f"train.threads={args.threads}"] if args.threads else []
-    result = upstream(load_config("tiny_upstream", data_overrides(up_data) + threads + [
+    result = upstream(load_config("tiny_upstream", data_overrides(up_data) + _threads(args) + [
         f"seed={seed}", f"train.max_iters={args.upstream_iters}"]), classifier.parent)
     return f"{result['classifier']} (val top-1 {result['val_top1']:.3f})"
 
@@ -226,16 +229,14 @@ def make_proposals(data: Path, args, seed: int, row: str) -> str:
 
 
 def _pretrain_base(data: Path, seed: int, args, iters: int) -> list[str]:
-    threads = [f"train.threads={args.threads}"] if args.threads else []
     init = [f"model.init={_upstream_file(data)}"] if args.upstream else []
-    return data_overrides(data) + threads + init + [
+    return data_overrides(data) + _threads(args) + init + [
         f"seed={seed}", f"train.max_iters={iters}", f"train.checkpoint_every={iters}", "train.warmup_iters=10",
         "sampler.updates=10"] + (["model.imagenet=true"] if args.imagenet else [])
 
 
 def _finetune_cfg(data: Path, seed: int, args, iters: int) -> dict:
-    threads = [f"train.threads={args.threads}"] if args.threads else []
-    return load_config("tiny_finetune", data_overrides(data) + threads + [
+    return load_config("tiny_finetune", data_overrides(data) + _threads(args) + [
         f"seed={seed}", f"train.max_iters={iters}", f"train.checkpoint_every={iters}"]
         + (["model.imagenet=true"] if args.imagenet else []))
 
