@@ -57,3 +57,44 @@ def test_flops_per_iter_counts_one_forward_and_backward(tmp_path, tiny_cfg):
     task = Task("test", model, _Ann(), sampler, [x] * 4, 2, forward, terms=lambda r: ["loss"], health=Probe())
     summary = train(task, tiny_cfg, tmp_path, False, DistInfo(), torch.device("cpu"))
     assert summary["flops_per_iter"] == 4 * B * I * O
+
+
+def test_logged_row_is_the_mean_of_its_interval(tmp_path, tiny_cfg):
+    """A row logged every 3 steps reports the mean of the 3 steps' results, not the last one's;
+    a key that some steps lack is averaged over the steps that have it; ``clipped`` is the
+    fraction of clipped steps."""
+    import json
+
+    from torch import nn
+
+    from drcl.engine.distributed import DistInfo
+    from drcl.engine.trainer import Task, train
+    from drcl.sampling import RepeatFactorSampler
+
+    model = nn.Linear(2, 1, bias=False)
+    step = {"n": 0}
+
+    def forward(model, batch, generator, weights):
+        step["n"] += 1
+        n = step["n"]
+        # loss n * w^2 / 2 at w = 1 has gradient norm n: steps 4, 5, 6 exceed the clip of 3.5
+        with torch.no_grad():
+            model.weight.fill_(1.0)
+        out = {"loss": n * model.weight[0, 0] ** 2 / 2, "value": torch.tensor(float(n))}
+        if n % 2 == 0:
+            out["even_only"] = 10.0 * n
+        return out
+
+    sampler = RepeatFactorSampler([0, 1, 2, 3], [0, 0, 1, 1], 4, 2, mode="random", total_epochs=3)
+    x = torch.zeros(1, 2)
+    task = Task("test", model, _Ann(), sampler, [x] * 4, 2, forward, terms=lambda r: ["loss"])
+    cfg = {**tiny_cfg, "train": {**tiny_cfg["train"], "max_iters": 6, "log_every": 3, "grad_clip": 3.5,
+                                 "checkpoint_every": 6, "lr": 0.0, "warmup_iters": 0}}
+    train(task, cfg, tmp_path, False, DistInfo(), torch.device("cpu"))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [3, 6]
+    assert [r["value"] for r in rows] == [pytest.approx(2.0), pytest.approx(5.0)]  # (1+2+3)/3, (4+5+6)/3
+    assert [r["loss"] for r in rows] == [pytest.approx(1.0), pytest.approx(2.5)]
+    assert [r["even_only"] for r in rows] == [pytest.approx(20.0), pytest.approx(50.0)]  # step 2; steps 4, 6
+    assert [r["grad_norm"] for r in rows] == [pytest.approx(2.0), pytest.approx(5.0)]
+    assert [r["clipped"] for r in rows] == [pytest.approx(0.0), pytest.approx(1.0)]

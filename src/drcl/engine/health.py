@@ -180,7 +180,7 @@ class Health:
                 if gap is not None and gap < AT_CHANCE_GAP:
                     self._warn(t, f"warning: {t.upper()} is still at chance after {row['iter']} iterations "
                                   f"(positive-minus-negative cosine {gap:.3f} < {AT_CHANCE_GAP} over the last "
-                                  f"{WINDOW} logged steps, loss {self._mean(t):.2f} vs chance "
+                                  f"{WINDOW} logged rows, loss {self._mean(t):.2f} vs chance "
                                   f"{self._mean(f'{t}_chance'):.2f})")
         collapse = self.collapse()
         if collapse:
@@ -228,7 +228,7 @@ def format_summary(summary: dict) -> str:
         v = w.get(key)
         return "-" if v is None else fmt.format(v)
 
-    lines = [f"training health, mean of the last {WINDOW} logged steps (iteration {summary.get('iter', '-')}):",
+    lines = [f"training health, mean of the last {WINDOW} logged rows (iteration {summary.get('iter', '-')}):",
              f"  {'term':<5}{'loss':>8}{'chance':>8}{'gap':>8}{'batch gap':>11}{'grad share':>12}"]
     for t in terms:
         lines.append(f"  {t:<5}{f(t):>8}{f(f'{t}_chance', '{:.2f}'):>8}{f(f'{t}_gap'):>8}"

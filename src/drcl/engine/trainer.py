@@ -249,7 +249,7 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
                dynamic_ncols=True)
     tick, images = time.perf_counter(), 0
     health, clip = task.health, t["grad_clip"]
-    clipped, steps = torch.zeros((), device=device), 0  # clipped steps since the last logged row
+    interval = IntervalMeans()  # what a logged row reports: the steps since the previous row
     flops = None  # counted on this process's first step
     try:
         while it < t["max_iters"]:
@@ -275,9 +275,7 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
                 scaler.unscale_(optimizer)
                 # the norm is logged whether or not it is clipped; clipping is a guard, not a throttle
                 grad_norm = nn.utils.clip_grad_norm_(core.parameters(), clip if clip > 0 else math.inf)
-                if clip > 0:
-                    clipped += grad_norm > clip
-                steps += 1
+                interval.add({**result, "grad_norm": grad_norm, "clipped": (grad_norm > clip) if clip > 0 else 0.0})
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -291,10 +289,7 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
                     now = time.perf_counter()
                     row = {"iter": it, "lr": optimizer.param_groups[0]["lr"], "alpha": sampler.alpha,
                            "round": round_, "images_per_s": images / (now - tick), **extra}
-                    row.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in result.items()})
-                    row.update(grad_norm=float(grad_norm), clipped=float(clipped) / steps)
-                    clipped.zero_()
-                    steps = 0
+                    row.update(interval.pop())
                     if health is not None:
                         health.observe(row)
                     if t["log_image_ids"]:
@@ -323,6 +318,30 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
         summary.update(task.finish(out))
     barrier(info)
     return summary
+
+
+class IntervalMeans:
+    """Per-key means of the step results since the last logged row, so that a row stands for
+    every step of its interval and not for the one that happened to land on it: at batch 4 one
+    step's contrastive gap is a noisy sample (HCL's, logged every 5 iterations of a tiny run:
+    -0.01, 0.42, 0.18, 0.11, 0.57 at iterations 100-120). A key missing from
+    some steps (a box term skipped for too few boxes) is averaged over the steps that have it.
+    ``clipped`` is then the fraction of clipped steps. Sums stay on the device until popped."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.counts: dict = {}
+
+    def add(self, values: dict) -> None:
+        for k, v in values.items():
+            v = v.detach().float() if torch.is_tensor(v) else float(v)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def pop(self) -> dict:
+        means = {k: float(total) / self.counts[k] for k, total in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return means
 
 
 def _check_finite(result: dict, terms, it: int, ckpt_path: Path) -> None:
