@@ -680,15 +680,15 @@ HEALTH_KEYS = ("loss", "hcl", "lcl", "ar", "sr", "hcl_gap", "hcl_batch_gap", "lc
 
 def part4(ctx, res: dict, deadline: float) -> None:
     from drcl.config import load_config
+    from drcl.data.synthetic import config_overrides
     from drcl.evaluation.probe import run_probe
     from drcl.finetune import finetune
     from drcl.pretrain import pretrain
-    from tail_gain import data_overrides  # benchmarks/tail_gain.py
 
     s, device, work = ctx.s, ctx.device, ctx.work / "p4"
     res["data"] = ctx.background.wait(deadline)
     data = ctx.work / "p4-data"
-    common = data_overrides(data) + [f"train.device={device.type}", f"train.threads={1 if ctx.smoke else 0}"]
+    common = config_overrides(data) + [f"train.device={device.type}", f"train.threads={1 if ctx.smoke else 0}"]
     batch = s["p4_batch"]
     workers = workers_that_fit(s["p4_workers"], batch * 2 * 3 * s["p4_size"] ** 2 * 4)
     pre = common + [f"data.image_size={s['p4_size']}", f"train.batch_size={batch}", f"train.lr={P4_LR}",

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from drcl.config import load_config
+from drcl.data.synthetic import config_overrides
 from drcl.evaluation.probe import run_probe
 from drcl.pretrain import pretrain
 
@@ -50,9 +51,7 @@ def run_one(length: int, seed: int, data: Path, out: Path, threads: int | None, 
     if record_path.exists():
         return json.loads(record_path.read_text())
     shutil.rmtree(run, ignore_errors=True)
-    overrides = [f"data.train_json={data}/annotations/train.json", f"data.train_images={data}/images/train",
-                 f"data.val_json={data}/annotations/val.json", f"data.val_images={data}/images/val",
-                 f"seed={seed}"]
+    overrides = config_overrides(data) + [f"seed={seed}"]
     if threads:
         overrides.append(f"train.threads={threads}")
         torch.set_num_threads(threads)

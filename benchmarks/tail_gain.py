@@ -82,6 +82,7 @@ from drcl.atomic import write_json
 from drcl.config import load_config
 from drcl.data.annotations import load_annotations
 from drcl.data.dataset import DetectionDataset
+from drcl.data.synthetic import config_overrides
 from drcl.engine.loader import SeededDataset, SeededSampler
 from drcl.evaluation.probe import run_probe
 from drcl.finetune import finetune
@@ -116,11 +117,6 @@ DIAGNOSTIC = {
 }
 OVERRIDES = {**ROWS, **DIAGNOSTIC}
 METRICS = ("AP", "APr", "APc", "APf")
-
-
-def data_overrides(data: Path) -> list[str]:
-    return [f"data.train_json={data / 'annotations' / 'train.json'}", f"data.train_images={data / 'images' / 'train'}",
-            f"data.val_json={data / 'annotations' / 'val.json'}", f"data.val_images={data / 'images' / 'val'}"]
 
 
 def supervised_pretrain(cfg: dict, out: Path) -> Path:
@@ -198,7 +194,7 @@ def make_upstream(data: Path, args, seed: int) -> str:
     make_data_once(up_data, classes=args.upstream_classes, first_class=args.classes + 1, imbalance=1.0,
                    train_images=args.upstream_images, val_images=args.upstream_images // 5, image_size=160,
                    seed=seed)
-    result = upstream(load_config("tiny_upstream", data_overrides(up_data) + _threads(args) + [
+    result = upstream(load_config("tiny_upstream", config_overrides(up_data) + _threads(args) + [
         f"seed={seed}", f"train.max_iters={args.upstream_iters}"]), classifier.parent)
     return f"{result['classifier']} (val top-1 {result['val_top1']:.3f})"
 
@@ -230,13 +226,13 @@ def make_proposals(data: Path, args, seed: int, row: str) -> str:
 
 def _pretrain_base(data: Path, seed: int, args, iters: int) -> list[str]:
     init = [f"model.init={_upstream_file(data)}"] if args.upstream else []
-    return data_overrides(data) + _threads(args) + init + [
+    return config_overrides(data) + _threads(args) + init + [
         f"seed={seed}", f"train.max_iters={iters}", f"train.checkpoint_every={iters}", "train.warmup_iters=10",
         "sampler.updates=10"] + (["model.imagenet=true"] if args.imagenet else [])
 
 
 def _finetune_cfg(data: Path, seed: int, args, iters: int) -> dict:
-    return load_config("tiny_finetune", data_overrides(data) + _threads(args) + [
+    return load_config("tiny_finetune", config_overrides(data) + _threads(args) + [
         f"seed={seed}", f"train.max_iters={iters}", f"train.checkpoint_every={iters}"]
         + (["model.imagenet=true"] if args.imagenet else []))
 

@@ -8,6 +8,7 @@ from collections import Counter
 import torch
 
 from drcl.cli import main
+from drcl.data.synthetic import config_overrides
 from drcl.engine.checkpoint import load_checkpoint
 from drcl.model.drcl import ENCODER_PREFIX
 from drcl.upstream import box_crops
@@ -48,8 +49,7 @@ def test_upstream_sequence_end_to_end(tmp_path, small_data, tiny_args, monkeypat
     counts = Counter(a["category_id"] for a in up["annotations"])
     assert max(counts.values()) - min(counts.values()) <= 1
 
-    data = [f"data.train_json={up_data / 'annotations' / 'train.json'}", f"data.train_images={up_data / 'images' / 'train'}",
-            f"data.val_json={up_data / 'annotations' / 'val.json'}", f"data.val_images={up_data / 'images' / 'val'}"]
+    data = config_overrides(up_data)
     small = ["data.image_size=32", "train.batch_size=2", "train.max_iters=3", "train.threads=1",
              "train.checkpoint_every=3", "train.log_every=1", "train.warmup_iters=1"]
     runs = [tmp_path / "up", tmp_path / "up-again"]

@@ -31,7 +31,7 @@ import torch
 from drcl.config import load_config
 from drcl.data.annotations import GROUP_NAMES, GROUPS, load_annotations
 from drcl.data.stats import GROUP_COLORS, category_stats, plot_frequency, pyplot
-from drcl.data.synthetic import make_dataset
+from drcl.data.synthetic import config_overrides, make_dataset
 from drcl.engine.checkpoint import load_checkpoint
 from drcl.engine.health import format_summary
 from drcl.evaluation.lvis_eval import METRICS as EVAL_METRICS
@@ -52,9 +52,7 @@ METRICS = ("AP", "AP50", "APr", "APc", "APf")  # the AP-per-group bar plot; the 
 
 
 def _overrides(data: Path, sizes: dict, iters: int, extra=()) -> list[str]:
-    return [f"data.train_json={data / 'annotations' / 'train.json'}", f"data.train_images={data / 'images' / 'train'}",
-            f"data.val_json={data / 'annotations' / 'val.json'}", f"data.val_images={data / 'images' / 'val'}",
-            f"data.image_size={sizes['data']['image_size']}", f"train.max_iters={iters}",
+    return [*config_overrides(data), f"data.image_size={sizes['data']['image_size']}", f"train.max_iters={iters}",
             f"train.checkpoint_every={iters}", *extra, *sizes.get("overrides", ())]
 
 

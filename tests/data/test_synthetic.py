@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from drcl.config import load_config
 from drcl.data import synthetic as syn
+from drcl.data.annotations import load_annotations
 
 SMALL = dict(classes=6, train_images=16, val_images=6, image_size=64, imbalance=20.0)
 
@@ -385,3 +387,12 @@ def test_first_class_range_is_checked():
         syn.plan_dataset(classes=10, train_images=4, val_images=4, first_class=syn.MAX_CLASSES - 8)
     with pytest.raises(ValueError, match="first_class"):
         syn.plan_dataset(classes=10, train_images=4, val_images=4, first_class=0)
+
+
+def test_config_overrides_point_a_config_at_the_generated_files(small):
+    root, summary = small
+    data = load_config("tiny", syn.config_overrides(root))["data"]
+    for split in ("train", "val"):
+        ann = load_annotations(data[f"{split}_json"], data[f"{split}_images"])
+        assert ann.num_images == summary[split]["images"]
+        assert data[f"{split}_json"] == summary[split]["annotations"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from drcl.config import load_config
-from drcl.data.synthetic import make_dataset
+from drcl.data.synthetic import config_overrides, make_dataset
 from drcl.errors import DataError
 from drcl.evaluation.probe import (
     ACCURACY_KEYS,
@@ -39,10 +39,7 @@ def probe_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def probe_cfg(probe_data):
     overrides = [
-        f"data.train_json={probe_data / 'annotations' / 'train.json'}",
-        f"data.train_images={probe_data / 'images' / 'train'}",
-        f"data.val_json={probe_data / 'annotations' / 'val.json'}",
-        f"data.val_images={probe_data / 'images' / 'val'}",
+        *config_overrides(probe_data),
         "data.image_size=64",
         "train.device=cpu",
     ]
@@ -236,9 +233,7 @@ def test_probe_command(tmp_path, capsys):
 
     data = tmp_path / "d"
     make_dataset(data, classes=4, train_images=16, val_images=8, image_size=64, imbalance=4, seed=2, progress=False)
-    sets = [f"data.train_json={data / 'annotations' / 'train.json'}", f"data.train_images={data / 'images' / 'train'}",
-            f"data.val_json={data / 'annotations' / 'val.json'}", f"data.val_images={data / 'images' / 'val'}",
-            "train.threads=1"]
+    sets = config_overrides(data) + ["train.threads=1"]
     out = tmp_path / "probe.json"
     args = ["probe", "--config", str(REPO / "configs" / "tiny.yaml"), "--json", str(out)]
     assert main(args + sum((["--set", s] for s in sets), [])) == 0

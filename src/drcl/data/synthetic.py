@@ -748,6 +748,14 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(text + "\n", encoding="utf-8")
 
 
+def config_overrides(root) -> list[str]:
+    """``--set`` overrides that point a config's ``data`` section at a :func:`make_dataset`
+    directory (its ``annotations/{train,val}.json`` and ``images/{train,val}``)."""
+    root = Path(root)
+    return [f"data.train_json={root / 'annotations' / 'train.json'}", f"data.train_images={root / 'images' / 'train'}",
+            f"data.val_json={root / 'annotations' / 'val.json'}", f"data.val_images={root / 'images' / 'val'}"]
+
+
 def make_dataset(
     out_dir,
     *,
