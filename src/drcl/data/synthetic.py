@@ -748,12 +748,21 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(text + "\n", encoding="utf-8")
 
 
+def split_paths(root, split: str) -> tuple[Path, Path]:
+    """Where :func:`make_dataset` writes a split: ``root/annotations/<split>.json`` and the
+    image folder ``root/images/<split>``."""
+    root = Path(root)
+    return root / "annotations" / f"{split}.json", root / "images" / split
+
+
 def config_overrides(root) -> list[str]:
     """``--set`` overrides that point a config's ``data`` section at a :func:`make_dataset`
-    directory (its ``annotations/{train,val}.json`` and ``images/{train,val}``)."""
-    root = Path(root)
-    return [f"data.train_json={root / 'annotations' / 'train.json'}", f"data.train_images={root / 'images' / 'train'}",
-            f"data.val_json={root / 'annotations' / 'val.json'}", f"data.val_images={root / 'images' / 'val'}"]
+    directory."""
+    out = []
+    for split in ("train", "val"):
+        ann, images = split_paths(root, split)
+        out += [f"data.{split}_json={ann}", f"data.{split}_images={images}"]
+    return out
 
 
 def make_dataset(
@@ -789,7 +798,7 @@ def make_dataset(
     with tqdm(total=train_images + val_images, desc="synthetic images", unit="img",
               disable=not progress) as bar:
         for split, images in (("train", plan.train), ("val", plan.val)):
-            image_dir = root / "images" / split
+            ann_path, image_dir = split_paths(root, split)
             image_dir.mkdir(parents=True, exist_ok=True)
             for im in images:
                 render_image(im).save(
@@ -797,14 +806,15 @@ def make_dataset(
                 )
                 bar.update(1)
             summary[split] = {
-                "annotations": str(root / "annotations" / f"{split}.json"),
+                "annotations": str(ann_path),
                 "images_dir": str(image_dir),
                 "images": len(images),
                 "instances": len(content[split]["annotations"]),
             }
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
-        _write_json(Path(summary[split]["annotations"]), content[split])
+        path = Path(summary[split]["annotations"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, content[split])
     groups = [c["frequency"] for c in content["train"]["categories"]]
     summary["frequency"] = {g: groups.count(g) for g in "rcf"}
     return summary
