@@ -44,7 +44,10 @@ SCENARIOS = (
 
 
 def command(data: Path, out: Path, iters: int, threads: int) -> list[str]:
-    sets = [f"data.train_json={data}/annotations/train.json", f"data.train_images={data}/images/train",
+    from drcl.data.synthetic import split_paths
+
+    train_json, train_images = split_paths(data, "train")
+    sets = [f"data.train_json={train_json}", f"data.train_images={train_images}",
             f"train.max_iters={iters}", f"train.checkpoint_every={iters}", "train.log_every=2",
             "train.health_every=0", f"train.threads={threads}"]
     return [sys.executable, "-m", "drcl", "pretrain", "--config", "configs/tiny.yaml", "--out", str(out),

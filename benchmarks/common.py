@@ -21,9 +21,9 @@ def make_data_once(data: Path, **make_dataset_kwargs) -> None:
     """:func:`drcl.data.synthetic.make_dataset` into ``data`` unless it is already there, made
     once even with several benchmark workers racing for it: each writes a private copy and
     renames it into place; a loser's copy is identical (same seed) and is removed."""
-    from drcl.data.synthetic import make_dataset
+    from drcl.data.synthetic import make_dataset, split_paths
 
-    if (data / "annotations" / "val.json").exists():
+    if split_paths(data, "val")[0].exists():
         return
     tmp = data.with_name(f"{data.name}.tmp-{os.getpid()}-{time.time_ns()}")
     make_dataset(tmp, progress=False, **make_dataset_kwargs)

@@ -157,11 +157,11 @@ _PLAN = None  # the plan being rendered, inherited by the forked pool workers
 
 
 def _render(job) -> None:
-    from drcl.data.synthetic import JPEG_QUALITY, render_image
+    from drcl.data.synthetic import JPEG_QUALITY, render_image, split_paths
 
     root, split, index = job
     image = getattr(_PLAN, split)[index]
-    render_image(image).save(Path(root) / "images" / split / image.file_name, "JPEG", quality=JPEG_QUALITY,
+    render_image(image).save(split_paths(root, split)[1] / image.file_name, "JPEG", quality=JPEG_QUALITY,
                              subsampling=0)
 
 
@@ -169,7 +169,7 @@ def make_data(root: Path, processes: int, **kw) -> None:
     """``drcl make-data`` (:func:`drcl.data.synthetic.make_dataset`, same bytes) with the images
     rendered by ``processes`` processes."""
     global _PLAN
-    from drcl.data.synthetic import _write_json, lvis_dicts, make_dataset, plan_dataset
+    from drcl.data.synthetic import _write_json, lvis_dicts, make_dataset, plan_dataset, split_paths
 
     if processes <= 1:
         make_dataset(root, progress=False, **kw)
@@ -178,14 +178,15 @@ def make_data(root: Path, processes: int, **kw) -> None:
     content = lvis_dicts(_PLAN)
     jobs = []
     for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        split_paths(root, split)[1].mkdir(parents=True, exist_ok=True)
         jobs += [(str(root), split, i) for i in range(len(getattr(_PLAN, split)))]
     with mp.get_context("fork").Pool(processes) as pool:
         for _ in pool.imap_unordered(_render, jobs, chunksize=16):
             pass
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
-        _write_json(root / "annotations" / f"{split}.json", content[split])
+        path = split_paths(root, split)[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, content[split])
 
 
 def _make_all(jobs, processes: int) -> None:
@@ -596,6 +597,7 @@ def part3(ctx, res: dict, deadline: float) -> None:
     from drcl.config import load_config
     from drcl.data.annotations import load_annotations
     from drcl.data.dataset import DetectionDataset
+    from drcl.data.synthetic import split_paths
     from drcl.pretrain import _Compose
     from drcl.views import TwoViewTransform
 
@@ -604,7 +606,7 @@ def part3(ctx, res: dict, deadline: float) -> None:
     root = ctx.work / "p3-data"
     cfg = load_config("lvis_r50")
     size = s["p3_size"]
-    ann = load_annotations(root / "annotations" / "train.json", root / "images" / "train")
+    ann = load_annotations(*split_paths(root, "train"))
     views = TwoViewTransform(size=size, scale=tuple(cfg["data"]["crop_scale"]))
     dataset = DetectionDataset(ann, transforms=_Compose(None, views), masks=False)
     batch = s["p3_batch"]

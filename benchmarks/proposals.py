@@ -31,7 +31,7 @@ from drcl.config import load_config
 from drcl.data.annotations import load_annotations
 from drcl.data.boxes import RandomBoxes, load_proposals
 from drcl.data.selective_search import FilterSettings
-from drcl.data.synthetic import make_dataset
+from drcl.data.synthetic import make_dataset, split_paths
 from drcl.demo import DEMO
 from drcl.evaluation.recall import format_recall, proposal_recall
 from drcl.finetune import finetune
@@ -56,9 +56,9 @@ def main() -> None:
     out = Path(args.out)
     torch.set_num_threads(1)
     data = out / "data"
-    if not (data / "annotations" / "val.json").exists():
+    val_json, val_images = split_paths(data, "val")
+    if not val_json.exists():
         make_dataset(data, seed=0, progress=False, **DEMO["data"])
-    val_json, val_images = data / "annotations" / "val.json", data / "images" / "val"
     val = load_annotations(val_json, val_images)
     rows, runs = {}, {}
 
@@ -69,7 +69,8 @@ def main() -> None:
         rows[f"selective search ({mode})"] = _score(f"selective search {mode}", val, path, seconds)
 
     run = out / "detector"
-    overrides = [f"data.train_json={data}/annotations/train.json", f"data.train_images={data}/images/train",
+    train_json, train_images = split_paths(data, "train")
+    overrides = [f"data.train_json={train_json}", f"data.train_images={train_images}",
                  f"data.image_size={DEMO['data']['image_size']}", "data.class_agnostic=true",
                  f"train.max_iters={args.finetune_iters}", f"train.checkpoint_every={args.finetune_iters}",
                  "train.threads=1"]

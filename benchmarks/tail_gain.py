@@ -82,7 +82,7 @@ from drcl.atomic import write_json
 from drcl.config import load_config
 from drcl.data.annotations import load_annotations
 from drcl.data.dataset import DetectionDataset
-from drcl.data.synthetic import config_overrides
+from drcl.data.synthetic import config_overrides, split_paths
 from drcl.engine.loader import SeededDataset, SeededSampler
 from drcl.evaluation.probe import run_probe
 from drcl.finetune import finetune
@@ -211,7 +211,7 @@ def make_proposals(data: Path, args, seed: int, row: str) -> str:
     path = _proposals_file(data, row)
     if path.exists():
         return str(path)
-    ann = read_input(data / "annotations" / "train.json", data / "images" / "train", progress=False)
+    ann = read_input(*split_paths(data, "train"), progress=False)
     if row == "boxes_ss":
         records, seconds = selective_search_proposals(ann, progress=False)
     else:

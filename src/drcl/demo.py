@@ -31,7 +31,7 @@ import torch
 from drcl.config import load_config
 from drcl.data.annotations import GROUP_NAMES, GROUPS, load_annotations
 from drcl.data.stats import GROUP_COLORS, category_stats, plot_frequency, pyplot
-from drcl.data.synthetic import config_overrides, make_dataset
+from drcl.data.synthetic import config_overrides, make_dataset, split_paths
 from drcl.engine.checkpoint import load_checkpoint
 from drcl.engine.health import format_summary
 from drcl.evaluation.lvis_eval import METRICS as EVAL_METRICS
@@ -219,7 +219,7 @@ def plot_reconstructions(out: Path, data: Path, path: Path, n: int = 4) -> None:
     model = DRCL(drcl_config(state["config"]))
     model.load_state_dict(state["model"])
     model.eval()
-    ds = DetectionDataset(load_annotations(data / "annotations" / "val.json", data / "images" / "val"), masks=False)
+    ds = DetectionDataset(load_annotations(*split_paths(data, "val")), masks=False)
     size = state["config"]["data"]["image_size"]
     images = torch.stack([torch.nn.functional.interpolate(ds[i][0][None].float() / 255, size=(size, size),
                                                           mode="bilinear", align_corners=False)[0] for i in range(n)])
@@ -276,11 +276,12 @@ def plot_per_class(out: Path, data: Path, drcl: dict, base: dict) -> None:
     side; ``detections.png``: both runs' detections on the same val images holding rare objects
     (common ones when the data has no rare class)."""
     plot_ap_vs_frequency_panels({"random init, same compute": base, "2DRCL": drcl}, out / "ap_per_class.png")
-    val = load_annotations(data / "annotations" / "val.json")
+    val_json, val_images = split_paths(data, "val")
+    val = load_annotations(val_json)
     group = next(GROUP_NAMES[g] for g in GROUPS if g in val.frequency)
     runs = {name: out / run / "eval" / "detections.json"
             for name, run in (("random init", "finetune-random"), ("2DRCL", "finetune-2drcl"))}
-    plot_detections_side_by_side(val, runs, data / "images" / "val", out / "detections.png", group, max_images=4)
+    plot_detections_side_by_side(val, runs, val_images, out / "detections.png", group, max_images=4)
 
 
 #: What the demo compares and why (issue 13: the report names its comparison).
@@ -306,7 +307,7 @@ def stage_table(stages: dict) -> list[str]:
 
 
 def write_report(out: Path, data: Path, pre_cfg: dict, drcl: dict, base: dict, info: dict) -> Path:
-    train_json = data / "annotations" / "train.json"
+    train_json, _ = split_paths(data, "train")
     stats = category_stats(load_annotations(train_json))
     plot_frequency(stats, out / "class_frequency.png")
     plot_sampling_share(train_json, pre_cfg, out / "sampling_share.png")
