@@ -153,46 +153,12 @@ def error_record(e: BaseException) -> dict:
 
 # --------------------------------------------------------------------------- generated data (background)
 
-_PLAN = None  # the plan being rendered, inherited by the forked pool workers
-
-
-def _render(job) -> None:
-    from drcl.data.synthetic import JPEG_QUALITY, render_image, split_paths
-
-    root, split, index = job
-    image = getattr(_PLAN, split)[index]
-    render_image(image).save(split_paths(root, split)[1] / image.file_name, "JPEG", quality=JPEG_QUALITY,
-                             subsampling=0)
-
-
-def make_data(root: Path, processes: int, **kw) -> None:
-    """``drcl make-data`` (:func:`drcl.data.synthetic.make_dataset`, same bytes) with the images
-    rendered by ``processes`` processes."""
-    global _PLAN
-    from drcl.data.synthetic import _write_json, lvis_dicts, make_dataset, plan_dataset, split_paths
-
-    if processes <= 1:
-        make_dataset(root, progress=False, **kw)
-        return
-    _PLAN = plan_dataset(**kw)
-    content = lvis_dicts(_PLAN)
-    jobs = []
-    for split in ("train", "val"):
-        split_paths(root, split)[1].mkdir(parents=True, exist_ok=True)
-        jobs += [(str(root), split, i) for i in range(len(getattr(_PLAN, split)))]
-    with mp.get_context("fork").Pool(processes) as pool:
-        for _ in pool.imap_unordered(_render, jobs, chunksize=16):
-            pass
-    for split in ("train", "val"):
-        path = split_paths(root, split)[0]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(path, content[split])
-
-
 def _make_all(jobs, processes: int) -> None:
+    from drcl.data.synthetic import make_dataset
+
     for root, kw in jobs:
         start = time.perf_counter()
-        make_data(Path(root), processes, **kw)
+        make_dataset(root, progress=False, processes=processes, **kw)
         (Path(root) / "done.json").write_text(json.dumps({"seconds": time.perf_counter() - start, **kw}))
 
 

@@ -63,7 +63,7 @@ def test_unknown_option_exits_2(capsys):
 def test_make_data_then_stats_shows_all_groups(tmp_path, capsys):
     out = tmp_path / "lt"
     assert main(["make-data", str(out), "--classes", "30", "--train-images", "300", "--val-images", "40",
-                 "--image-size", "64", "--imbalance", "100"]) == 0
+                 "--image-size", "64", "--imbalance", "100", "--processes", "2"]) == 0
     assert "next: drcl stats" in capsys.readouterr().out
     png = tmp_path / "freq.png"
     assert main(["stats", str(out / "annotations" / "train.json"), "--images", str(out / "images" / "train"),
@@ -72,6 +72,7 @@ def test_make_data_then_stats_shows_all_groups(tmp_path, capsys):
     rows = {line.split()[0]: int(line.split()[1]) for line in table.splitlines()[3:6]}
     assert set(rows) == {"rare", "common", "frequent"} and min(rows.values()) > 0
     assert png.exists()
+    assert len(list((out / "images" / "train").iterdir())) == 300  # every image rendered by the pool
 
 
 def test_make_data_bad_argument_exits_2(tmp_path, capsys):

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-objects", type=int, default=6,
                    help="objects per image are 1..N (default 6); more makes crowded scenes (smaller objects) "
                         "where instance-level rebalancing has boxes to choose between (LCL takes 8 per image)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="render the images in N processes (the same files; default 1)")
     p.set_defaults(func=cmd_make_data)
 
     p = sub.add_parser("stats", help="validate an annotation file and show its long-tail statistics")
@@ -236,6 +238,7 @@ def cmd_make_data(args) -> int:
             seed=args.seed,
             max_objects=args.max_objects,
             first_class=args.first_class,
+            processes=args.processes,
         )
     except ValueError as e:
         print(f"drcl make-data: error: {e}", file=sys.stderr)

@@ -62,6 +62,7 @@ def default_plan() -> syn.DatasetPlan:
         (dict(imbalance=0.5), "imbalance"),
         (dict(imbalance=float("nan")), "imbalance"),
         (dict(seed=-1), "seed"),
+        (dict(processes=0), "processes"),
     ],
 )
 def test_bad_arguments_raise_value_error(tmp_path, kwargs, match):
@@ -223,6 +224,16 @@ def test_official_lvis_api_reads_the_files(small):
 
 
 # --------------------------------------------------------------------------- determinism
+
+
+def test_images_rendered_in_processes_are_the_same_bytes(small, tmp_path):
+    first, _ = small
+    pooled = tmp_path / "pooled"
+    syn.make_dataset(pooled, seed=3, progress=False, processes=2, **SMALL)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(pooled) for p in pooled.rglob("*") if p.is_file())
+    for rel in files:
+        assert (first / rel).read_bytes() == (pooled / rel).read_bytes(), rel
 
 
 def test_same_seed_same_bytes_other_seed_other_data(small, tmp_path):

@@ -765,6 +765,12 @@ def config_overrides(root) -> list[str]:
     return out
 
 
+def _save_image(job) -> None:
+    """Render one planned image and write it as JPEG (a pool worker's task)."""
+    image, image_dir = job
+    render_image(image).save(Path(image_dir) / image.file_name, "JPEG", quality=JPEG_QUALITY, subsampling=0)
+
+
 def make_dataset(
     out_dir,
     *,
@@ -777,17 +783,21 @@ def make_dataset(
     max_objects: int = MAX_OBJECTS,
     first_class: int = 1,
     progress: bool = True,
+    processes: int = 1,
 ) -> dict:
     """Write a synthetic long-tailed LVIS v1 dataset under ``out_dir`` and summarise it.
 
     Returns ``{"root", "categories", "frequency": {"r", "c", "f"}, "train": {...}, "val":
     {...}}`` where each split holds ``annotations`` (JSON path), ``images_dir``, ``images``
     and ``instances``. Category ids run from ``first_class`` (see :func:`plan_dataset`).
-    Raises ValueError for bad arguments. Existing files of the same names
-    are overwritten; other files under ``out_dir`` are left alone.
+    ``processes`` > 1 renders the images in that many processes; the files are the same bytes
+    (each image is drawn from its own plan). Raises ValueError for bad arguments. Existing
+    files of the same names are overwritten; other files under ``out_dir`` are left alone.
     """
     from tqdm import tqdm
 
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"processes must be an integer >= 1, got {processes!r}")
     plan = plan_dataset(
         classes=classes, train_images=train_images, val_images=val_images,
         image_size=image_size, imbalance=imbalance, seed=seed, max_objects=max_objects, first_class=first_class,
@@ -795,22 +805,28 @@ def make_dataset(
     root = Path(out_dir)
     content = lvis_dicts(plan)
     summary = {"root": str(root), "categories": classes}
-    with tqdm(total=train_images + val_images, desc="synthetic images", unit="img",
-              disable=not progress) as bar:
-        for split, images in (("train", plan.train), ("val", plan.val)):
-            ann_path, image_dir = split_paths(root, split)
-            image_dir.mkdir(parents=True, exist_ok=True)
-            for im in images:
-                render_image(im).save(
-                    image_dir / im.file_name, "JPEG", quality=JPEG_QUALITY, subsampling=0
-                )
+    jobs = []
+    for split, images in (("train", plan.train), ("val", plan.val)):
+        ann_path, image_dir = split_paths(root, split)
+        image_dir.mkdir(parents=True, exist_ok=True)
+        jobs += [(im, image_dir) for im in images]
+        summary[split] = {
+            "annotations": str(ann_path),
+            "images_dir": str(image_dir),
+            "images": len(images),
+            "instances": len(content[split]["annotations"]),
+        }
+    with tqdm(total=len(jobs), desc="synthetic images", unit="img", disable=not progress) as bar:
+        if processes > 1:
+            import multiprocessing as mp
+
+            with mp.Pool(processes) as pool:
+                for _ in pool.imap_unordered(_save_image, jobs, chunksize=16):
+                    bar.update(1)
+        else:
+            for job in jobs:
+                _save_image(job)
                 bar.update(1)
-            summary[split] = {
-                "annotations": str(ann_path),
-                "images_dir": str(image_dir),
-                "images": len(images),
-                "instances": len(content[split]["annotations"]),
-            }
     for split in ("train", "val"):
         path = Path(summary[split]["annotations"])
         path.parent.mkdir(parents=True, exist_ok=True)
