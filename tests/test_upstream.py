@@ -34,6 +34,22 @@ def test_box_crops_cut_each_box_out_of_the_pixels():
     assert torch.allclose(pixels[:, :, 0], torch.zeros(3, 20), atol=0.03)
 
 
+def test_shipped_upstream_recipe_learns_the_box_crops(tmp_path, monkeypatch):
+    """tiny_upstream.yaml as shipped (lr included) on a small balanced set of 30 classes: 100
+    iterations reach 76 % val top-1 (chance 3.3 %); lr 0.05, the config's old value, reached 47 %
+    here and diverged in warm-up on the benchmarks' 120 classes (val top-1 2 %)."""
+    monkeypatch.chdir(ROOT)
+    data = tmp_path / "up-data"
+    assert main(["make-data", str(data), "--classes", "30", "--first-class", "61", "--imbalance", "1",
+                 "--train-images", "200", "--val-images", "40", "--seed", "0"]) == 0
+    run = tmp_path / "up"
+    assert main(["upstream", "--config", "tiny_upstream", "--out", str(run)]
+                + _sets(config_overrides(data) + ["train.max_iters=100", "train.threads=1"])) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    assert json.loads((run / "upstream.json").read_text())["val_top1"] >= 0.5
+
+
 def test_upstream_sequence_end_to_end(tmp_path, small_data, tiny_args, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     up_data = tmp_path / "up-data"
@@ -59,8 +75,6 @@ def test_upstream_sequence_end_to_end(tmp_path, small_data, tiny_args, monkeypat
     assert weights[0]["fc.weight"].shape == (12, 512)
     for k, v in weights[0].items():  # same seed, same weights
         assert torch.equal(v, weights[1][k]), k
-    top1 = json.loads((runs[0] / "upstream.json").read_text())["val_top1"]
-    assert 0.0 <= top1 <= 1.0
     rows = [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [1, 2, 3] and all(r["crops"] >= 2 for r in rows)
 
