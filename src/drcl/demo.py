@@ -291,8 +291,8 @@ COMPARISON = textwrap.wrap(
     "pre-trained weights: is pre-training worth its compute here? The paper asks another one: ImageNet weights "
     "against ImageNet weights + 2DRCL, both fine-tuned on the same schedule. BENCHMARKS.md has both at small scale "
     "(3 seeds, 300 pre-training iterations, `benchmarks/tail_gain.py`): on the same schedule 2DRCL is ahead by "
-    "about 4 AP in both settings, from random init (APr +1.5) and from supervised upstream weights, the ImageNet "
-    "stand-in (APr +0.6); at matched compute the extra fine-tuning wins by about 27 AP in both, because "
+    "about 4 AP from random init (APr +1.5) and about 5 from supervised upstream weights, the ImageNet stand-in "
+    "(APr +0.9); at matched compute the extra fine-tuning wins by 24-28 AP in both, because "
     "fine-tuning this short is far from converged. The demo starts from random init because the two settings tell "
     "the same story there, the upstream stand-in (`drcl upstream`) would add minutes to the demo's budget, and "
     "the same-schedule comparison is the one that hides what the pre-training costs.", 100)
