@@ -264,6 +264,7 @@ def cmd_stats(args) -> int:
         on_bad=args.on_bad,
         check_images="decode" if args.images else "none",
         progress=True,
+        records=False,
     )
     _report_skipped(ann)
     stats = category_stats(ann)
@@ -299,7 +300,7 @@ def _add_repeat_factors(args, ann, stats: dict) -> dict:
         raise _UsageError(str(e)) from None
     stats["repeat_factor_settings"] = {"mode": args.repeat_factors, "threshold": args.threshold,
                                        "alpha": args.alpha}
-    stats["repeat_factors"] = {str(rec["id"]): float(r) for rec, r in zip(ann.images, img)}
+    stats["repeat_factors"] = {str(i): float(r) for i, r in zip(ann.image_ids.tolist(), img)}
     for entry, r in zip(stats["categories"], cat):
         entry["repeat_factor"] = float(r)
     share = expected_sampling_share(img, ann.image_index, ann.category_index, ann.num_categories)

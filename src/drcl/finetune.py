@@ -111,17 +111,17 @@ def finetune(cfg: dict, out_dir: str | os.PathLike, init: str | None = None, res
              evaluate: bool = True) -> dict:
     d = cfg["data"]
     ckpt_path = Path(out_dir) / "checkpoints" / "last.pt"
-    info, device, ann = prepare_run(cfg, out_dir, resume)
+    info, device, ann = prepare_run(cfg, out_dir, resume, segmentations=cfg["model"]["masks"])
     try:
         if d["class_agnostic"]:
             ann = merge_categories(ann)
             if info.is_main:
-                print(f"data.class_agnostic: the {len(ann.annotations)} boxes of {ann.path} are one category, 'object'")
+                print(f"data.class_agnostic: the {ann.num_instances} boxes of {ann.path} are one category, 'object'")
         if evaluate and d["val_json"] and not info.distributed:
             check_evaluator()  # now, not after training
         init = init if init is not None else cfg["model"]["init"]
         cfg = {**cfg, "model": {**cfg["model"], "init": init}}  # config.yaml records where the run started
-        segmentations = any("segmentation" in a for a in ann.annotations)
+        segmentations = bool(ann.has_segmentation.any())
         # a resumed run continues from its checkpoint, not from its init
         detector, masks = build_model(cfg, ann.num_categories, segmentations, None if resume else init,
                                       verbose=info.is_main, out_dir=out_dir)

@@ -76,7 +76,7 @@ def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
     info, device, ann = prepare_run(cfg, out_dir, resume, images_only=True)
     try:
         source = None
-        if d["boxes"] == "gt" and not ann.annotations:
+        if d["boxes"] == "gt" and not ann.num_instances:
             raise ConfigError(f"{ann.path} has no annotations, so data.boxes 'gt' has no boxes: use data.boxes: "
                               "proposals (drcl proposals) or random")
         if d["boxes"] == "proposals":
@@ -95,7 +95,7 @@ def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
         # the health batch's boxes are the run's own (proposals) where they do not change with the RNG
         plain = DetectionDataset(ann, transforms=source if d["boxes"] == "proposals" else None, masks=False)
         # no boxes to look at (images alone with random boxes): no box-spread health, and no scan for them
-        has_boxes = d["boxes"] == "proposals" or bool(ann.annotations)
+        has_boxes = d["boxes"] == "proposals" or bool(ann.num_instances)
         health = Health(model, fixed_batch(plain, d["image_size"]) if has_boxes else None,
                         every=t["health_every"], warmup=t["warmup_iters"], max_iters=t["max_iters"],
                         say=tqdm.write if info.is_main else (lambda text: None))

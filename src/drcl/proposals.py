@@ -69,7 +69,7 @@ def top_boxes(boxes: torch.Tensor, scores: torch.Tensor, k: int, nms_iou: float 
 
 def _records(ann: Annotations, i: int, boxes: torch.Tensor, scores: torch.Tensor) -> list[dict]:
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    image_id, name = ann.images[i]["id"], ann.file_name(i)
+    image_id, name = int(ann.image_ids[i]), ann.file_name(i)
     return [{"image_id": image_id, "category_id": 1, "bbox": [round(v, 2) for v in b], "score": round(float(s), 6),
              "file_name": name} for b, s in zip(xywh, scores.tolist())]
 
@@ -134,8 +134,8 @@ def detector_proposals(ann: Annotations, checkpoint, cfg: dict, per_image: int =
     for d in dets:
         per_id.setdefault(d["image_id"], []).append(d)
     records = []
-    for i, img in enumerate(ann.images):
-        found = per_id.get(img["id"])
+    for i, image_id in enumerate(ann.image_ids.tolist()):
+        found = per_id.get(image_id)
         if not found:
             continue
         xywh = torch.tensor([d["bbox"] for d in found], dtype=torch.float32)

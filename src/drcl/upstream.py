@@ -123,7 +123,7 @@ def upstream(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
                 # rank 0 alone would score every val crop while the others wait at a barrier (NCCL's timeout)
                 print("skipping the val top-1 in a distributed run")
             elif d["val_json"]:
-                val = load_annotations(d["val_json"], d["val_images"], check_images="header")
+                val = load_annotations(d["val_json"], d["val_images"], check_images="header", records=False)
                 if [c["id"] for c in val.categories] != category_ids:
                     raise DataError(f"{val.path}: its categories differ from the training file's")
                 top1 = crop_accuracy(model, DetectionDataset(val, masks=False), d["image_size"], device)

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import numpy as np
@@ -35,7 +36,7 @@ def test_arrays_index_the_records(lvis_files):
     np.testing.assert_array_equal(ann.category_index, [0, 1, 1, 2])
     np.testing.assert_array_equal(ann.instance_count, [1, 2, 1])
     np.testing.assert_array_equal(ann.image_count, [1, 2, 1])
-    assert ann.anns_by_image == [[0, 1], [2, 3], []]
+    assert [ann.instances_of(i).tolist() for i in range(3)] == [[0, 1], [2, 3], []]
 
 
 @pytest.mark.parametrize("count,group", [(0, "r"), (1, "r"), (10, "r"), (11, "c"), (100, "c"), (101, "f")])
@@ -100,12 +101,16 @@ def test_bad_record_names_file_and_record(tmp_path, lvis_dict, change, words):
     kind, rid, changes = change
     _edit(lvis_dict, kind, rid, **changes)
     path = _write(tmp_path, lvis_dict)
-    with pytest.raises(DataError) as e:
-        load_annotations(path)
-    msg = str(e.value)
+    messages = []
+    for records in (True, False):  # the records kept or not, streamed or not: the same words
+        with pytest.raises(DataError) as e:
+            load_annotations(path, records=records)
+        messages.append(str(e.value))
+    msg = messages[0]
     assert "\n" not in msg and msg.startswith(str(path))
     for w in words:
         assert w in msg
+    assert messages[1] == msg
 
 
 def test_skip_policy_drops_and_counts(tmp_path, lvis_dict):
@@ -114,6 +119,8 @@ def test_skip_policy_drops_and_counts(tmp_path, lvis_dict):
     ann = load_annotations(_write(tmp_path, lvis_dict), on_bad="skip")
     assert [a["id"] for a in ann.annotations] == [10, 12]
     assert ann.skipped["annotations"] == 2
+    arrays = load_annotations(_write(tmp_path, lvis_dict), on_bad="skip", records=False)
+    assert arrays.ann_ids.tolist() == [10, 12] and arrays.skipped == ann.skipped
 
 
 def test_skipping_a_category_drops_its_annotations(tmp_path, lvis_dict):
@@ -196,3 +203,146 @@ def test_skip_missing_image_drops_its_annotations(lvis_files):
     assert [img["id"] for img in ann.images] == [1, 3]
     assert [a["id"] for a in ann.annotations] == [10, 11]
     assert ann.skipped == {"images": 1, "annotations of skipped images": 2}
+
+
+# --------------------------------------------------------------------------- without the records
+
+
+def _lvis_order(data: dict) -> dict:
+    """The published LVIS v1 files' key order: annotations before images, categories last."""
+    return {k: data[k] for k in ("info", "annotations", "images", "licenses", "categories") if k in data}
+
+
+def _same_arrays(a, b):
+    for name in ("image_ids", "widths", "heights", "file_names", "url_dirs", "ann_ids", "boxes", "image_index",
+                 "category_index", "iscrowd", "has_segmentation", "instance_count", "image_count"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.categories == b.categories and a.frequency == b.frequency and a.skipped == b.skipped
+
+
+def _segmentation_file(tmp_path, lvis_dict, chunk_text=""):
+    """The fixture with every kind of segmentation: polygons (one and two, pretty-printed,
+    exponents), RLE, an empty list, none."""
+    anns = lvis_dict["annotations"]
+    anns[0]["segmentation"] = [[4, 6, 24, 6.5, 24, 16], [4.25, 6, 5e0, 7, 1.5E1, 8]]
+    anns[1]["segmentation"] = {"size": [48, 64], "counts": "a1b2"}
+    anns[2]["segmentation"] = []
+    del anns[3]["segmentation"]
+    anns.append({"id": 14, "image_id": 3, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25,
+                 "segmentation": [[1, 1, 6, 1, 6, 6]]})
+    path = tmp_path / "segs.json"
+    path.write_text(json.dumps(_lvis_order(lvis_dict), indent=1))
+    return path
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 64])
+def test_arrays_and_segmentations_without_records_equal_the_records(tmp_path, lvis_dict, chunk, monkeypatch):
+    from drcl.data import jsonstream
+
+    path = _segmentation_file(tmp_path, lvis_dict)
+    with_records = load_annotations(path)
+    if chunk:  # chunks far smaller than a record: polygons cut at every place
+        monkeypatch.setattr(jsonstream, "CHUNK", chunk)
+        monkeypatch.setattr(jsonstream, "MARGIN", 3)
+    arrays = load_annotations(path, records=False, segmentations=True)
+    _same_arrays(with_records, arrays)
+    assert arrays.image_records is None and arrays.annotation_records is None
+    for k, rec in enumerate(with_records.annotations):
+        assert arrays.segmentation(k) == rec.get("segmentation")
+        np.testing.assert_array_equal(arrays.boxes[k], rec["bbox"])
+    assert arrays.has_segmentation.tolist() == [True, True, True, False, True]
+    with pytest.raises(RuntimeError, match="without its segmentations"):
+        load_annotations(path, records=False).segmentation(0)
+
+
+def test_without_records_the_records_are_not_kept(tmp_path, lvis_dict):
+    """Nothing per image or per annotation is a Python object: what a forked DataLoader
+    worker touches is a few numpy arrays, however large the file."""
+    import gc
+
+    def objects(n_images):
+        data = copy.deepcopy(lvis_dict)
+        data["images"] = [{**data["images"][0], "id": i + 1} for i in range(n_images)]
+        data["annotations"] = [{**data["annotations"][0], "id": 10 * i + j, "image_id": i + 1}
+                               for i in range(n_images) for j in range(3)]
+        path = tmp_path / f"n{n_images}.json"
+        path.write_text(json.dumps(data))
+        ann = load_annotations(path, records=False)
+        seen, todo = set(), [ann.__dict__]
+        while todo:
+            obj = todo.pop()
+            if id(obj) in seen or isinstance(obj, (type, np.ndarray)):
+                continue
+            seen.add(id(obj))
+            todo += gc.get_referents(obj)
+        return len(seen)
+
+    assert objects(10) == objects(2000)
+    with pytest.raises(RuntimeError, match="records=True"):
+        load_annotations(_write(tmp_path, lvis_dict), records=False).annotations
+
+
+def test_problems_are_reported_categories_first_whatever_the_key_order(tmp_path, lvis_dict):
+    _edit(lvis_dict, "annotations", 10, category_id=99)
+    _edit(lvis_dict, "images", 2, height=0)
+    _edit(lvis_dict, "categories", 3, frequency="x")
+    path = tmp_path / "lvis_order.json"
+    path.write_text(json.dumps(_lvis_order(lvis_dict)))
+    for records in (True, False):
+        with pytest.raises(DataError, match="category id 3: frequency 'x'"):
+            load_annotations(path, records=records)
+    _edit(lvis_dict, "categories", 3, frequency="r")
+    path.write_text(json.dumps(_lvis_order(lvis_dict)))
+    for records in (True, False):
+        with pytest.raises(DataError, match="image id 2: width and height"):
+            load_annotations(path, records=records)
+
+
+def test_a_repeated_id_counts_only_after_a_record_that_was_kept(tmp_path, lvis_dict):
+    # the first record with id 10 is bad (its box), so the second one with that id is kept;
+    # a third one repeats a kept id
+    anns = lvis_dict["annotations"]
+    anns[0]["bbox"] = [0, 0, -1, 5]
+    anns[1]["id"] = 10
+    anns[2]["id"] = 10
+    path = _write(tmp_path, lvis_dict)
+    for records in (True, False):
+        ann = load_annotations(path, on_bad="skip", records=records)
+        assert ann.ann_ids.tolist() == [10, 13] and ann.skipped == {"annotations": 2}
+        assert ann.category_index.tolist() == [1, 2]  # the second record's category, not the first's
+        with pytest.raises(DataError, match="annotation id 10: bbox .* non-positive"):
+            load_annotations(path, records=records)
+    anns[0]["bbox"] = [4, 6, 20, 10]
+    with pytest.raises(DataError, match="annotation id 10: duplicate annotation id"):
+        load_annotations(_write(tmp_path, lvis_dict), records=False)
+
+
+@pytest.mark.parametrize("kind,rid,key,value", [
+    ("annotations", 11, "id", "11"),
+    ("images", 2, "id", 2.0),
+    ("categories", 3, "id", True),
+    ("annotations", 11, "id", 2**64),
+])
+def test_ids_must_be_integers(tmp_path, lvis_dict, kind, rid, key, value):
+    _edit(lvis_dict, kind, rid, **{key: value})
+    for records in (True, False):
+        with pytest.raises(DataError, match=f"id must be an integer, got {value!r}"):
+            load_annotations(_write(tmp_path, lvis_dict), records=records)
+
+
+def test_an_image_id_that_is_not_an_integer_is_unknown(tmp_path, lvis_dict):
+    _edit(lvis_dict, "annotations", 11, image_id="1")
+    for records in (True, False):
+        with pytest.raises(DataError, match="annotation id 11: unknown image id 1$"):
+            load_annotations(_write(tmp_path, lvis_dict), records=records)
+
+
+def test_generated_data_loads_alike_with_and_without_records(small_data):
+    from drcl.data.synthetic import split_paths
+
+    for split in ("train", "val"):
+        path, images = split_paths(small_data, split)
+        with_records = load_annotations(path, images, check_images="header")
+        arrays = load_annotations(path, images, check_images="header", records=False, segmentations=True)
+        _same_arrays(with_records, arrays)
+        assert all(arrays.segmentation(k) == a["segmentation"] for k, a in enumerate(with_records.annotations))

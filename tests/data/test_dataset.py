@@ -94,11 +94,10 @@ def test_missing_file_names_image(lvis_files):
 def test_rle_and_polygon_rasterise_alike():
     from faster_coco_eval.core import mask as mask_util
 
-    poly = {"bbox": [2, 2, 6, 4], "segmentation": [[2, 2, 8, 2, 8, 6, 2, 6]]}
-    m_poly = segmentation_mask(poly, 10, 12)
+    m_poly = segmentation_mask([[2, 2, 8, 2, 8, 6, 2, 6]], [2, 2, 6, 4], 10, 12)
     rle = mask_util.encode(np.asfortranarray(m_poly))
     rle["counts"] = rle["counts"].decode() if isinstance(rle["counts"], bytes) else rle["counts"]
-    m_rle = segmentation_mask({"bbox": [2, 2, 6, 4], "segmentation": rle}, 10, 12)
+    m_rle = segmentation_mask(rle, [2, 2, 6, 4], 10, 12)
     np.testing.assert_array_equal(m_poly, m_rle)
     assert m_poly.sum() == 24
 

@@ -17,7 +17,7 @@ def _ann():
         {"id": 3, "image_id": 20, "category_id": 2, "bbox": [0, 0, 40, 40]},
         {"id": 4, "image_id": 20, "category_id": 2, "bbox": [60, 0, 40, 10], "iscrowd": 1},
     ]
-    return Annotations("gt.json", images, annotations, categories)
+    return Annotations.from_records("gt.json", images, annotations, categories)
 
 
 def test_recall_matches_a_hand_computation():

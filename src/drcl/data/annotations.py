@@ -1,9 +1,24 @@
 """Reading and validating COCO / LVIS v1 annotation files.
 
 One function, :func:`load_annotations`, turns a JSON file (and optionally its image folder)
-into an :class:`Annotations` object: the records exactly as they were in the file (every key
-kept, LVIS's ``frequency``, ``image_count``, ``instance_count``, ``neg_category_ids`` and
-``not_exhaustive_category_ids`` included) plus the arrays the rest of the package works on.
+into an :class:`Annotations` object: compact arrays of what training uses (per image: id,
+size, file name; per instance: id, box, image, category, crowd flag) and, where a command
+needs them, the file's records exactly as they were (every key kept, LVIS's ``frequency``,
+``image_count``, ``instance_count``, ``neg_category_ids`` and ``not_exhaustive_category_ids``
+included).
+
+At LVIS scale the two differ by gigabytes. LVIS v1 train (1.1 GB of JSON, 1.27M annotations
+with polygons) is about 4 GB of Python objects per process, and DataLoader workers forked
+from it copy those objects page by page as they touch their reference counts. So:
+
+* ``records=False`` (training) keeps the arrays only: a few numpy buffers that forked
+  workers share untouched. The file is read in chunks (:mod:`drcl.data.jsonstream`), and
+  polygons are cut out of the text before it is parsed, which is most of the time
+  ``json.loads`` spends on LVIS;
+* ``segmentations=True`` (Mask R-CNN) also keeps each annotation's segmentation, polygons as
+  their JSON text in one byte buffer (exact, parsed when an image's masks are drawn);
+* ``records=True`` (the default: statistics, evaluation, export of the file) keeps the
+  records too.
 
 LVIS v1 differs from COCO in ways we handle here:
 
@@ -20,7 +35,9 @@ frequent > 100.
 
 Bad input never crashes with a traceback: every problem raises :class:`~drcl.errors.DataError`
 with one line naming the file and the record, or, with ``on_bad="skip"``, drops the record
-(and whatever depends on it) and counts it in :attr:`Annotations.skipped`.
+(and whatever depends on it) and counts it in :attr:`Annotations.skipped`. Problems are
+reported in the order categories, images, annotations, each in file order, whatever the
+order of the file's top-level keys.
 """
 
 from __future__ import annotations
@@ -28,12 +45,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+from array import array
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from drcl.data.jsonstream import NotStreamable, stream_object
 from drcl.errors import DataError
 
 #: Boxes may poke out of the image by this many pixels (rounding in real COCO/LVIS files);
@@ -55,35 +76,68 @@ def frequency_group(image_count: int) -> str:
     return "f"
 
 
-@dataclass
+class Segmentations:
+    """Each annotation's ``segmentation`` in compact form: polygon lists as their JSON text,
+    one after another in one byte buffer (``text[bounds[j]:bounds[j + 1]]``), anything else
+    (RLE, an empty list) as it was in ``others``; ``ref[k]`` is ``j``, -1 (no segmentation) or
+    -2 (in ``others``)."""
+
+    def __init__(self, text: np.ndarray, bounds: np.ndarray, ref: np.ndarray, others: dict):
+        self.text, self.bounds, self.ref, self.others = text, bounds, ref, others
+
+    def __getitem__(self, k: int):
+        j = int(self.ref[k])
+        if j == -1:
+            return None
+        if j == -2:
+            return self.others[k]
+        return json.loads(self.text[self.bounds[j]:self.bounds[j + 1]].tobytes())
+
+    def select(self, keep: np.ndarray) -> "Segmentations":
+        """The segmentations of the annotations where ``keep`` is true, in order."""
+        new_position = np.cumsum(keep) - 1
+        others = {int(new_position[k]): v for k, v in self.others.items() if keep[k]}
+        return Segmentations(self.text, self.bounds, self.ref[keep], others)
+
+
+@dataclass(eq=False)
 class Annotations:
     """A validated annotation file.
 
-    ``images``, ``annotations`` and ``categories`` are the file's records (bad ones removed
-    under ``on_bad="skip"``). The arrays index into them:
+    Per image ``i`` (in file order, bad ones removed under ``on_bad="skip"``): ``image_ids``,
+    ``widths``, ``heights``, ``file_names`` and ``url_dirs`` (the ``coco_url`` folder an LVIS
+    record without ``file_name`` may sit in, else ``""``). Per annotation ``k``: ``ann_ids``,
+    ``boxes`` (``[x, y, w, h]`` as in the file), ``image_index[k]`` / ``category_index[k]``
+    (positions of its image / category), ``iscrowd`` and ``has_segmentation`` (the record has
+    the key). Derived: ``image_count[c]`` / ``instance_count[c]`` (images containing category
+    c / its instances, counted in this file) and ``frequency[c]`` (``"r"``, ``"c"`` or ``"f"``).
 
-    * ``image_index[k]`` / ``category_index[k]``: position of annotation k's image / category;
-    * ``image_count[c]`` / ``instance_count[c]``: images containing category c / its instances,
-      counted in this file;
-    * ``frequency[c]``: ``"r"``, ``"c"`` or ``"f"``.
+    ``categories`` are the file's category records. The image and annotation records are
+    :attr:`images` / :attr:`annotations` when loaded with ``records=True``; segmentations are
+    :meth:`segmentation`.
     """
 
     path: str
-    images: list[dict]
-    annotations: list[dict]
     categories: list[dict]
+    image_ids: np.ndarray
+    widths: np.ndarray
+    heights: np.ndarray
+    file_names: np.ndarray
+    url_dirs: np.ndarray
+    ann_ids: np.ndarray
+    boxes: np.ndarray
+    image_index: np.ndarray
+    category_index: np.ndarray
+    iscrowd: np.ndarray
+    has_segmentation: np.ndarray
     images_dir: str | None = None
     skipped: Counter = field(default_factory=Counter)
+    segments: Segmentations | None = None
+    image_records: list[dict] | None = None
+    annotation_records: list[dict] | None = None
 
     def __post_init__(self) -> None:
-        self.image_pos = {img["id"]: i for i, img in enumerate(self.images)}
         self.category_pos = {cat["id"]: i for i, cat in enumerate(self.categories)}
-        self.image_index = np.array(
-            [self.image_pos[a["image_id"]] for a in self.annotations], dtype=np.int64
-        )
-        self.category_index = np.array(
-            [self.category_pos[a["category_id"]] for a in self.annotations], dtype=np.int64
-        )
         c = len(self.categories)
         self.instance_count = np.bincount(self.category_index, minlength=c)
         _, pair_categories = distinct_pairs(self.image_index, self.category_index, c)
@@ -94,28 +148,91 @@ class Annotations:
         else:
             self.frequency = [frequency_group(int(n)) for n in self.image_count]
             self.frequency_source = "computed"
-        self.anns_by_image: list[list[int]] = [[] for _ in self.images]
-        for k, i in enumerate(self.image_index):
-            self.anns_by_image[i].append(k)
+        # each image's annotations, in file order: by_image[starts[i]:starts[i + 1]]
+        self._by_image = np.argsort(self.image_index, kind="stable")
+        self._starts = np.searchsorted(self.image_index[self._by_image], np.arange(self.num_images + 1))
 
     @property
     def num_images(self) -> int:
-        return len(self.images)
+        return len(self.image_ids)
+
+    @property
+    def num_instances(self) -> int:
+        return len(self.ann_ids)
 
     @property
     def num_categories(self) -> int:
         return len(self.categories)
 
+    @property
+    def images(self) -> list[dict]:
+        """The image records (loaded with ``records=True``)."""
+        if self.image_records is None:
+            raise RuntimeError(f"{self.path} was read without its records: load_annotations(..., records=True)")
+        return self.image_records
+
+    @property
+    def annotations(self) -> list[dict]:
+        """The annotation records (loaded with ``records=True``)."""
+        if self.annotation_records is None:
+            raise RuntimeError(f"{self.path} was read without its records: load_annotations(..., records=True)")
+        return self.annotation_records
+
+    @cached_property
+    def image_pos(self) -> dict:
+        """Image id -> position."""
+        return dict(zip(self.image_ids.tolist(), range(self.num_images)))
+
+    def instances_of(self, i: int) -> np.ndarray:
+        """Positions of image ``i``'s annotations, in file order."""
+        return self._by_image[self._starts[i]:self._starts[i + 1]]
+
+    def segmentation(self, k: int):
+        """Annotation ``k``'s ``segmentation`` as in the file (None without one)."""
+        if self.segments is not None:
+            return self.segments[k]
+        if self.annotation_records is not None:
+            return self.annotation_records[k].get("segmentation")
+        raise RuntimeError(f"{self.path} was read without its segmentations: "
+                           "load_annotations(..., segmentations=True)")
+
+    def image_size(self, i: int) -> tuple[float, float]:
+        """``(width, height)`` of image ``i`` as its record says."""
+        return _number(self.widths[i]), _number(self.heights[i])
+
     def file_name(self, i: int) -> str:
         """File name of image ``i`` (``file_name``, else the last component of ``coco_url``)."""
-        return image_file_name(self.images[i])
+        return str(self.file_names[i])
 
     def image_path(self, i: int, images_dir: str | os.PathLike | None = None) -> Path:
         """Path of image ``i`` inside ``images_dir`` (default: the folder given at load)."""
-        return find_image_file(self.images[i], images_dir if images_dir is not None else self.images_dir or ".")
+        root = images_dir if images_dir is not None else self.images_dir or "."
+        return find_image_file(self.file_name(i), str(self.url_dirs[i]), root)
+
+    def file_problem(self, i: int, images_dir: str | os.PathLike | None = None, decode: bool = False) -> str | None:
+        """What is wrong with image ``i``'s file (:func:`image_file_problem`), or ``None``."""
+        return image_file_problem(self.image_path(i, images_dir), *self.image_size(i), decode)
 
     def describe_image(self, i: int) -> str:
-        return f"image id {self.images[i]['id']} ({self.file_name(i)})"
+        return f"image id {self.image_ids[i]} ({self.file_name(i)})"
+
+    @classmethod
+    def from_records(cls, path: str, images: list, annotations: list, categories: list, images_dir=None,
+                     on_bad: str = "error") -> "Annotations":
+        """Records already in memory, checked as :func:`load_annotations` checks a file's."""
+        builder = _Builder(str(path), on_bad, records=True, segmentations=False)
+        builder.set_categories(categories)
+        for n, rec in enumerate(images):
+            builder.image(rec, n)
+        for n, rec in enumerate(annotations):
+            builder.annotation(rec, n)
+        return builder.finish(images_dir, "none", False)
+
+
+def _number(x):
+    """A stored float back as the JSON number it was (640.0 -> 640)."""
+    x = float(x)
+    return int(x) if x.is_integer() else x
 
 
 def distinct_pairs(image_index: np.ndarray, category_index: np.ndarray, num_categories: int):
@@ -141,17 +258,21 @@ def image_file_name(rec: dict) -> str:
     return str(rec["coco_url"]).rstrip("/").split("/")[-1]
 
 
-def find_image_file(rec: dict, images_dir: str | os.PathLike) -> Path:
-    """The image record's file in ``images_dir``: ``DIR/name``, else (LVIS records without
-    ``file_name``) ``DIR/<folder of coco_url>/name``; the first candidate if neither exists."""
-    root = Path(images_dir)
-    name = image_file_name(rec)
-    candidates = [root / name]
+def _url_dir(rec: dict) -> str:
+    """The folder of ``coco_url`` for a record without ``file_name`` (LVIS v1), else ``""``."""
     url = rec.get("coco_url")
     if url and not rec.get("file_name"):
         parts = str(url).rstrip("/").split("/")
         if len(parts) >= 2:
-            candidates.append(root / parts[-2] / name)
+            return parts[-2]
+    return ""
+
+
+def find_image_file(name: str, url_dir: str, images_dir: str | os.PathLike) -> Path:
+    """An image's file in ``images_dir``: ``DIR/name``, else (LVIS records without
+    ``file_name``) ``DIR/url_dir/name``; the first candidate if neither exists."""
+    root = Path(images_dir)
+    candidates = [root / name] + ([root / url_dir / name] if url_dir else [])
     for path in candidates:
         if path.exists():
             return path
@@ -167,6 +288,8 @@ def load_annotations(
     on_bad: str = "error",
     check_images: str = "none",
     progress: bool = False,
+    records: bool = True,
+    segmentations: bool = False,
 ) -> Annotations:
     """Read, validate and index a COCO or LVIS v1 annotation file.
 
@@ -178,35 +301,322 @@ def load_annotations(
             ``Annotations.skipped``.
         check_images: ``"none"``; ``"header"`` checks each file exists, opens as an image
             and has the record's width and height; ``"decode"`` also decodes every pixel.
-        progress: show a progress bar while checking images.
+        progress: show progress bars while reading the file and checking images.
+        records: keep the file's image and annotation records (``Annotations.images`` /
+            ``.annotations``); without them the file is read in chunks and only the arrays
+            are kept (a fraction of the memory, and faster).
+        segmentations: keep each annotation's segmentation (``Annotations.segmentation``)
+            also when ``records`` is false.
     """
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad must be 'error' or 'skip', not {on_bad!r}")
     if check_images not in ("none", "header", "decode"):
         raise ValueError(f"check_images must be 'none', 'header' or 'decode', not {check_images!r}")
+    if check_images != "none" and images_dir is None:
+        raise ValueError("check_images needs images_dir")
     path = str(path)
-    data = _read_json(path)
-    checker = _Checker(path, on_bad)
-    categories = checker.categories(data["categories"])
-    images = checker.images(data["images"])
-    annotations = checker.annotations(data["annotations"], images, categories)
-    if check_images != "none":
-        if images_dir is None:
-            raise ValueError("check_images needs images_dir")
-        bad = checker.image_files(images, images_dir, decode=check_images == "decode", progress=progress)
-        if bad:
-            images = [img for img in images if img["id"] not in bad]
-            kept = [a for a in annotations if a["image_id"] not in bad]
-            checker.skipped["annotations of skipped images"] += len(annotations) - len(kept)
-            annotations = kept
-    return Annotations(
-        path=path,
-        images=images,
-        annotations=annotations,
-        categories=categories,
-        images_dir=None if images_dir is None else str(images_dir),
-        skipped=checker.skipped,
-    )
+    builder = _read(path, on_bad, records, segmentations, progress)
+    return builder.finish(images_dir, check_images, progress)
+
+
+#: Files at least this large get a progress bar while they are read (LVIS v1 train: ~30 s).
+PROGRESS_BYTES = 64 << 20
+
+#: A polygon-list segmentation (a list of lists of numbers) in JSON text, and what takes its
+#: place when it is cut out before parsing (:func:`_read`): a string no real file holds.
+_POLYGONS = re.compile(r'"segmentation"[ \t\n\r]*:[ \t\n\r]*(\[[ \t\n\r]*\[[-+0-9.eE, \t\n\r\[\]]*\][ \t\n\r]*\])')
+_CUT = "\x01polygons"
+_CUT_TEXT = '"segmentation":"\\u0001polygons"'
+
+
+def _read(path: str, on_bad: str, records: bool, segmentations: bool, progress: bool) -> "_Builder":
+    """Feed the file's records to a :class:`_Builder`: streamed (without keeping the records
+    or parsing polygons) when it can be, else through ``json.loads``, whose errors name the
+    line and column of bad syntax."""
+    builder = _Builder(path, on_bad, records, segmentations)
+    transform = None
+    if not records:
+        if segmentations:
+            def keep_text(match):
+                builder.add_polygons(match.group(1))
+                return _CUT_TEXT
+
+            transform = lambda text: _POLYGONS.sub(keep_text, text)  # noqa: E731
+        else:
+            template = _CUT_TEXT.replace("\\", "\\\\")  # re.sub reads backslashes in a template
+            transform = lambda text: _POLYGONS.sub(template, text)  # noqa: E731
+    bar = None
+    if progress and os.path.isfile(path) and os.path.getsize(path) >= PROGRESS_BYTES:
+        from tqdm import tqdm
+
+        bar = tqdm(total=os.path.getsize(path), desc="reading annotations", unit="B", unit_scale=True, leave=False)
+    try:
+        values, counts = stream_object(path, {"images": builder.image, "annotations": builder.annotation},
+                                       transform=transform, progress=None if bar is None else bar.update)
+        for key in ("images", "annotations", "categories"):
+            if key not in values and key not in counts:
+                raise DataError(f"{path}: missing top-level key '{key}'")
+            if key in values and not isinstance(values[key], list):
+                raise DataError(f"{path}: top-level '{key}' must be a list")
+        builder.set_categories(values["categories"])
+    except (NotStreamable, OSError):
+        builder = _Builder(path, on_bad, records, segmentations)
+        data = _read_json(path)
+        builder.set_categories(data["categories"])
+        for n, rec in enumerate(data["images"]):
+            builder.image(rec, n)
+        for n, rec in enumerate(data["annotations"]):
+            builder.annotation(rec, n)
+    finally:
+        if bar is not None:
+            bar.close()
+    return builder
+
+
+class _Builder:
+    """Takes records one at a time, in any order of the three lists, and makes the
+    :class:`Annotations` (:meth:`finish`): images and categories are checked as they come,
+    annotations (which refer to both) at the end, with numpy."""
+
+    def __init__(self, path: str, on_bad: str, records: bool, segmentations: bool):
+        self.path, self.records, self.want_segments = path, records, segmentations
+        self.checker = _Checker(path, on_bad)
+        self.categories: list[dict] = []
+        # images
+        self.img_ids, self.widths, self.heights = array("q"), array("d"), array("d")
+        self.names: list[str] = []
+        self.url_dirs: list[str] = []
+        self.img_records: list[dict] = []
+        self.seen_images: set = set()
+        # annotations, one row per record (bad ones included) until finish()
+        self.ann_ids, self.ann_images, self.ann_cats = array("q"), array("q"), array("q")
+        self.boxes = array("d")
+        self.box_code = bytearray()  # 0 well-formed, 1 not 4 finite numbers, 2 non-positive size
+        self.crowd, self.has_seg = bytearray(), bytearray()
+        self.pre: dict[int, tuple[str, str]] = {}  # missing keys, an id that is no integer
+        self.odd: dict[int, dict] = {}  # original values a message may quote
+        self.ann_records: list = []
+        # segmentations: polygon texts cut out of the file (add_polygons), then one per record
+        self.seg_text = bytearray()
+        self.seg_bounds = array("q", [0])
+        self.seg_next = 0  # the next cut-out polygon text to hand to a record
+        self.seg_ref = array("q")
+        self.seg_others: dict[int, object] = {}
+
+    # ---------------------------------------------------------------- records as they come
+    def set_categories(self, records: list) -> None:
+        self.categories = self.checker.categories(records)
+
+    def image(self, rec, n: int) -> None:
+        name = self.checker.record_name("image", rec, n)
+        problem = self.checker.image_problem(rec, self.seen_images)
+        if problem:
+            self.checker.bad("images", name, problem)
+            return
+        self.seen_images.add(rec["id"])
+        self.img_ids.append(rec["id"])
+        self.widths.append(rec["width"])
+        self.heights.append(rec["height"])
+        self.names.append(image_file_name(rec))
+        self.url_dirs.append(_url_dir(rec))
+        if self.records:
+            self.img_records.append(rec)
+
+    def add_polygons(self, text: str) -> None:
+        self.seg_text += text.encode("ascii")
+        self.seg_bounds.append(len(self.seg_text))
+
+    def annotation(self, rec, n: int) -> None:
+        if type(rec) is dict and "id" in rec and "image_id" in rec and "category_id" in rec and "bbox" in rec:
+            aid, iid, cid, box = rec["id"], rec["image_id"], rec["category_id"], rec["bbox"]
+            if not _is_id(aid):
+                self.pre[n] = (f"annotation id {aid!r}", f"id must be an integer, got {aid!r}")
+                aid = 0
+            if not (_is_id(iid) and _is_id(cid)):
+                self.odd.setdefault(n, {}).update(image_id=iid, category_id=cid)
+                iid = iid if _is_id(iid) else _NO_ID
+                cid = cid if _is_id(cid) else _NO_ID
+            code = 0
+            if type(box) is list and len(box) == 4 and all(type(v) in _NUMBER for v in box):
+                x, y, w, h = box
+                if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(w) and math.isfinite(h)):
+                    code = 1
+                elif w <= 0 or h <= 0:
+                    code = 2
+            else:
+                code = 1
+            if code:
+                self.odd.setdefault(n, {})["bbox"] = box
+                box = _NAN_BOX
+            crowd = rec.get("iscrowd", 0)
+        else:
+            self.pre[n] = (self.checker.record_name("annotation", rec, n),
+                           self.checker.missing(rec, ("id", "image_id", "category_id", "bbox")))
+            aid, iid, cid, box, code, crowd = 0, _NO_ID, _NO_ID, _NAN_BOX, 0, 0
+        self.ann_ids.append(aid)
+        self.ann_images.append(iid)
+        self.ann_cats.append(cid)
+        self.boxes.extend(box)
+        self.box_code.append(code)
+        self.crowd.append(1 if crowd else 0)
+        has_seg = type(rec) is dict and "segmentation" in rec
+        self.has_seg.append(has_seg)
+        if self.want_segments and not self.records:
+            seg = rec["segmentation"] if has_seg else None
+            if seg == _CUT:
+                self.seg_ref.append(self.seg_next)
+                self.seg_next += 1
+            elif has_seg:
+                self.seg_ref.append(-2)
+                self.seg_others[n] = seg
+            else:
+                self.seg_ref.append(-1)
+        if self.records:
+            self.ann_records.append(rec)
+
+    # ---------------------------------------------------------------- the end
+    def finish(self, images_dir, check_images: str, progress: bool) -> Annotations:
+        checker = self.checker
+        checker.raise_first("categories")
+        checker.raise_first("images")
+        checker.defer = False  # the rest is checked in the order problems are reported
+        img_ids = np.frombuffer(self.img_ids, dtype=np.int64) if self.img_ids else np.zeros(0, np.int64)
+        widths = np.frombuffer(self.widths, dtype=np.float64) if self.widths else np.zeros(0)
+        heights = np.frombuffer(self.heights, dtype=np.float64) if self.heights else np.zeros(0)
+        m = len(self.ann_ids)
+        ann_ids = np.frombuffer(self.ann_ids, dtype=np.int64) if m else np.zeros(0, np.int64)
+        boxes = (np.frombuffer(self.boxes, dtype=np.float64) if m else np.zeros(0)).reshape(-1, 4)
+        img_pos = _positions(img_ids, np.frombuffer(self.ann_images, dtype=np.int64) if m else np.zeros(0, np.int64))
+        cat_ids = np.array([c["id"] for c in self.categories], dtype=np.int64)
+        cat_pos = _positions(cat_ids, np.frombuffer(self.ann_cats, dtype=np.int64) if m else np.zeros(0, np.int64))
+        keep_ann = self._annotation_problems(img_ids, widths, heights, ann_ids, boxes, img_pos, cat_pos) == 0
+
+        keep_img = np.ones(len(img_ids), dtype=bool)
+        if check_images != "none":
+            bad = self._check_files(img_ids, widths, heights, images_dir, check_images == "decode", progress)
+            if bad:
+                keep_img[bad] = False
+                dropped = keep_ann & ~keep_img[np.maximum(img_pos, 0)]
+                checker.skipped["annotations of skipped images"] += int(dropped.sum())
+                keep_ann &= ~dropped
+        new_img_pos = np.cumsum(keep_img) - 1
+        segments = None
+        if self.want_segments and not self.records:
+            segments = Segmentations(np.frombuffer(bytes(self.seg_text), dtype=np.uint8),
+                                     np.frombuffer(self.seg_bounds, dtype=np.int64).copy(),
+                                     np.frombuffer(self.seg_ref, dtype=np.int64) if m else np.zeros(0, np.int64),
+                                     self.seg_others).select(keep_ann)
+        images = [r for r, k in zip(self.img_records, keep_img) if k] if self.records else None
+        anns = [r for r, k in zip(self.ann_records, keep_ann) if k] if self.records else None
+        return Annotations(
+            path=self.path, categories=self.categories,
+            image_ids=img_ids[keep_img].copy(), widths=widths[keep_img].copy(), heights=heights[keep_img].copy(),
+            file_names=np.array([n for n, k in zip(self.names, keep_img) if k], dtype=str).reshape(-1),
+            url_dirs=np.array([u for u, k in zip(self.url_dirs, keep_img) if k], dtype=str).reshape(-1),
+            ann_ids=ann_ids[keep_ann].copy(), boxes=boxes[keep_ann].copy(),
+            image_index=new_img_pos[img_pos[keep_ann]].astype(np.int64), category_index=cat_pos[keep_ann],
+            iscrowd=np.frombuffer(bytes(self.crowd), dtype=bool)[keep_ann],
+            has_segmentation=np.frombuffer(bytes(self.has_seg), dtype=bool)[keep_ann],
+            images_dir=None if images_dir is None else str(images_dir), skipped=checker.skipped,
+            segments=segments, image_records=images, annotation_records=anns)
+
+    def _annotation_problems(self, img_ids, widths, heights, ann_ids, boxes, img_pos, cat_pos) -> np.ndarray:
+        """Per annotation record, the first of its problems in the order the checks run
+        (0 none): missing key or non-integer id, duplicate id, unknown image, unknown category,
+        malformed box, non-positive box, box outside the image. Raises the first under
+        ``on_bad="error"``, counts them under ``"skip"``."""
+        m = len(ann_ids)
+        if m == 0:
+            return np.zeros(0, dtype=np.int8)
+        box_code = np.frombuffer(bytes(self.box_code), dtype=np.uint8).astype(np.int8)
+        pre = np.zeros(m, dtype=bool)
+        pre[list(self.pre)] = True
+        known = img_pos >= 0
+        W = np.where(known, widths[np.maximum(img_pos, 0)] if len(widths) else 0.0, np.inf)
+        H = np.where(known, heights[np.maximum(img_pos, 0)] if len(heights) else 0.0, np.inf)
+        x, y, w, h = boxes.T
+        t = BOX_TOLERANCE
+        with np.errstate(invalid="ignore"):
+            outside = (box_code == 0) & known & ((x < -t) | (y < -t) | (x + w > W + t) | (y + h > H + t))
+        box_code[outside] = 3
+        other_ok = ~pre & known & (cat_pos >= 0) & (box_code == 0)
+        # a record repeats an id when an earlier record with that id was kept; the kept one
+        # of each id is its first record that passes every other check
+        order = np.argsort(ann_ids, kind="stable")
+        sorted_ids = ann_ids[order]
+        group = np.cumsum(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) - 1
+        first_ok = np.full(group[-1] + 1, m, dtype=np.int64)
+        ok_sorted = other_ok[order] & ~pre[order]
+        np.minimum.at(first_ok, group[ok_sorted], order[ok_sorted])
+        dup = np.zeros(m, dtype=bool)
+        dup[order] = order > first_ok[group]
+        dup &= ~pre
+        code = np.select([pre, dup, ~known, cat_pos < 0, box_code > 0], [1, 2, 3, 4, 4 + box_code], 0).astype(np.int8)
+        bad = np.flatnonzero(code)
+        if bad.size and self.checker.on_bad == "error":
+            n = int(bad[0])
+            self.checker.bad("annotations", *self._message(n, int(code[n]), img_pos, widths, heights, img_ids, boxes))
+        if bad.size:
+            self.checker.skipped["annotations"] += int(bad.size)
+        return code
+
+    def _message(self, n: int, code: int, img_pos, widths, heights, img_ids, boxes) -> tuple[str, str]:
+        if code == 1:
+            return self.pre[n]
+        odd = self.odd.get(n, {})
+        name = f"annotation id {self.ann_ids[n]}"
+        if code == 2:
+            return name, "duplicate annotation id"
+        if code == 3:
+            return name, f"unknown image id {odd.get('image_id', self.ann_images[n])}"
+        if code == 4:
+            return name, f"unknown category id {odd.get('category_id', self.ann_cats[n])}"
+        if code == 5:
+            return name, f"bbox must be 4 finite numbers [x, y, w, h], got {odd['bbox']!r}"
+        if code == 6:
+            return name, f"bbox {odd['bbox']} has non-positive width or height"
+        i = int(img_pos[n])
+        box = [_number(v) for v in boxes[n]]
+        return name, f"bbox {box} lies outside the {_number(widths[i])}x{_number(heights[i])} image id {img_ids[i]}"
+
+    def _check_files(self, img_ids, widths, heights, images_dir, decode: bool, progress: bool) -> list[int]:
+        """Positions of images whose file is missing, unreadable or of the wrong size."""
+        from tqdm import tqdm
+
+        bad = []
+        for i in tqdm(range(len(img_ids)), desc="checking images", unit="img", disable=not progress):
+            file = find_image_file(self.names[i], self.url_dirs[i], images_dir)
+            problem = image_file_problem(file, _number(widths[i]), _number(heights[i]), decode)
+            if problem:
+                self.checker.bad("images", f"image id {img_ids[i]}", problem)
+                bad.append(i)
+        return bad
+
+
+_NUMBER = (int, float)
+_INT64 = range(-(2**63) + 1, 2**63)
+
+
+def _is_id(x) -> bool:
+    """An id the arrays can hold: an integer (not a bool) within int64."""
+    return type(x) is int and x in _INT64
+
+
+_NAN_BOX = (math.nan,) * 4
+_NO_ID = -(2**63)  # an image / category id no record has (ids are checked to be integers)
+
+
+def _positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Position of each of ``wanted`` in ``ids`` (distinct), -1 if absent."""
+    if ids.size == 0:
+        return np.full(wanted.shape, -1, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    at = np.minimum(np.searchsorted(ids, wanted), ids.size - 1)
+    return np.where(ids[at] == wanted, order[at], -1).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- other sources
 
 
 #: Files an image folder is read for (case-insensitive).
@@ -244,18 +654,19 @@ def load_image_folder(
                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise DataError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    checker = _Checker(str(root), on_bad)
-    images = []
+    builder = _Builder(str(root), on_bad, records=True, segmentations=False)
+    builder.checker.defer = False  # nothing else to check first: stop at the first bad file
+    read = 0
     for image_id, name in enumerate(tqdm(files, desc="reading images", unit="img", disable=not progress), start=1):
         size, problem = open_image_file(root / name, check_images == "decode")
         if problem:
-            checker.bad("images", f"image id {image_id}", problem)
+            builder.checker.bad("images", f"image id {image_id}", problem)
             continue
-        images.append({"id": image_id, "file_name": name, "width": size[0], "height": size[1]})
-    if not images:
+        builder.image({"id": image_id, "file_name": name, "width": size[0], "height": size[1]}, read)
+        read += 1
+    if not read:
         raise DataError(f"{root}: none of its {len(files)} image files could be read")
-    return Annotations(path=str(root), images=images, annotations=[], categories=[], images_dir=str(root),
-                       skipped=checker.skipped)
+    return builder.finish(root, "none", False)
 
 
 #: The one category of a class-agnostic detector (:func:`merge_categories`).
@@ -270,17 +681,20 @@ def merge_categories(ann: Annotations) -> Annotations:
     ``not_exhaustive_category_ids`` become ``[1]`` when it listed any category (its objects
     are not all annotated) and ``neg_category_ids`` become ``[]`` (a category known to be
     absent says nothing about objects in general)."""
-    images = []
-    for img in ann.images:
-        img = dict(img)
-        if "not_exhaustive_category_ids" in img:
-            img["not_exhaustive_category_ids"] = [1] if img["not_exhaustive_category_ids"] else []
-        if "neg_category_ids" in img:
-            img["neg_category_ids"] = []
-        images.append(img)
-    annotations = [{**a, "category_id": OBJECT_CATEGORY["id"]} for a in ann.annotations]
-    return Annotations(path=ann.path, images=images, annotations=annotations, categories=[dict(OBJECT_CATEGORY)],
-                       images_dir=ann.images_dir, skipped=ann.skipped)
+    images = annotations = None
+    if ann.image_records is not None:
+        images = []
+        for img in ann.image_records:
+            img = dict(img)
+            if "not_exhaustive_category_ids" in img:
+                img["not_exhaustive_category_ids"] = [1] if img["not_exhaustive_category_ids"] else []
+            if "neg_category_ids" in img:
+                img["neg_category_ids"] = []
+            images.append(img)
+    if ann.annotation_records is not None:
+        annotations = [{**a, "category_id": OBJECT_CATEGORY["id"]} for a in ann.annotation_records]
+    return replace(ann, categories=[dict(OBJECT_CATEGORY)], category_index=np.zeros_like(ann.category_index),
+                   image_records=images, annotation_records=annotations)
 
 
 def read_json(path: str, what: str = "JSON file"):
@@ -320,24 +734,36 @@ def _is_number(x) -> bool:
 
 
 class _Checker:
-    """Validates records one by one; raises or counts what it drops."""
+    """Checks records one by one and says what is wrong. Under ``on_bad="error"`` a problem
+    is raised at once, or with ``defer`` (while the file is still being read, when a later
+    list may hold a problem to report first) kept until :meth:`raise_first` asks for the
+    first of its kind; under ``"skip"`` problems are counted."""
 
-    def __init__(self, path: str, on_bad: str):
+    def __init__(self, path: str, on_bad: str, defer: bool = True):
         self.path = path
         self.on_bad = on_bad
+        self.defer = defer
         self.skipped: Counter = Counter()
+        self.first: dict[str, str] = {}
 
     def bad(self, what: str, record: str, problem: str) -> None:
-        if self.on_bad == "error":
+        if self.on_bad == "skip":
+            self.skipped[what] += 1
+        elif self.defer:
+            self.first.setdefault(what, f"{self.path}: {record}: {problem}")
+        else:
             raise DataError(f"{self.path}: {record}: {problem}")
-        self.skipped[what] += 1
 
-    def _record(self, kind: str, rec, n: int) -> str:
+    def raise_first(self, what: str) -> None:
+        if what in self.first:
+            raise DataError(self.first[what])
+
+    def record_name(self, kind: str, rec, n: int) -> str:
         if isinstance(rec, dict) and "id" in rec:
             return f"{kind} id {rec['id']}"
         return f"{kind} #{n} (no id)"
 
-    def _missing(self, rec, keys) -> str | None:
+    def missing(self, rec, keys) -> str | None:
         if not isinstance(rec, dict):
             return "is not a JSON object"
         missing = [k for k in keys if k not in rec]
@@ -348,8 +774,10 @@ class _Checker:
     def categories(self, records: list) -> list[dict]:
         kept, seen = [], set()
         for n, rec in enumerate(records):
-            name = self._record("category", rec, n)
-            problem = self._missing(rec, ("id", "name"))
+            name = self.record_name("category", rec, n)
+            problem = self.missing(rec, ("id", "name"))
+            if problem is None and not _is_id(rec["id"]):
+                problem = f"id must be an integer, got {rec['id']!r}"
             if problem is None and rec["id"] in seen:
                 problem = "duplicate category id"
             if problem is None and "frequency" in rec and rec["frequency"] not in GROUPS:
@@ -361,59 +789,17 @@ class _Checker:
             kept.append(rec)
         return kept
 
-    def images(self, records: list) -> list[dict]:
-        kept, seen = [], set()
-        for n, rec in enumerate(records):
-            name = self._record("image", rec, n)
-            problem = self._missing(rec, ("id", "width", "height"))
-            if problem is None and not (rec.get("file_name") or rec.get("coco_url")):
-                problem = "has neither 'file_name' nor 'coco_url'"
-            if problem is None and rec["id"] in seen:
-                problem = "duplicate image id"
-            if problem is None and not all(
-                _is_number(rec[k]) and rec[k] > 0 for k in ("width", "height")
-            ):
-                problem = f"width and height must be positive numbers, got {rec['width']!r} x {rec['height']!r}"
-            if problem:
-                self.bad("images", name, problem)
-                continue
-            seen.add(rec["id"])
-            kept.append(rec)
-        return kept
-
-    def annotations(self, records: list, images: list[dict], categories: list[dict]) -> list[dict]:
-        image_by_id = {img["id"]: img for img in images}
-        category_ids = {cat["id"] for cat in categories}
-        kept, seen = [], set()
-        for n, rec in enumerate(records):
-            name = self._record("annotation", rec, n)
-            problem = self._missing(rec, ("id", "image_id", "category_id", "bbox"))
-            if problem is None and rec["id"] in seen:
-                problem = "duplicate annotation id"
-            if problem is None and rec["image_id"] not in image_by_id:
-                problem = f"unknown image id {rec['image_id']}"
-            if problem is None and rec["category_id"] not in category_ids:
-                problem = f"unknown category id {rec['category_id']}"
-            if problem is None:
-                problem = _box_problem(rec["bbox"], image_by_id[rec["image_id"]])
-            if problem:
-                self.bad("annotations", name, problem)
-                continue
-            seen.add(rec["id"])
-            kept.append(rec)
-        return kept
-
-    def image_files(self, images: list[dict], images_dir, decode: bool, progress: bool) -> set:
-        """Ids of images whose file is missing, unreadable or of the wrong size."""
-        from tqdm import tqdm
-
-        bad = set()
-        for rec in tqdm(images, desc="checking images", unit="img", disable=not progress):
-            problem = image_file_problem(rec, images_dir, decode)
-            if problem:
-                self.bad("images", f"image id {rec['id']}", problem)
-                bad.add(rec["id"])
-        return bad
+    def image_problem(self, rec, seen: set) -> str | None:
+        problem = self.missing(rec, ("id", "width", "height"))
+        if problem is None and not (rec.get("file_name") or rec.get("coco_url")):
+            problem = "has neither 'file_name' nor 'coco_url'"
+        if problem is None and not _is_id(rec["id"]):
+            problem = f"id must be an integer, got {rec['id']!r}"
+        if problem is None and rec["id"] in seen:
+            problem = "duplicate image id"
+        if problem is None and not all(_is_number(rec[k]) and rec[k] > 0 for k in ("width", "height")):
+            problem = f"width and height must be positive numbers, got {rec['width']!r} x {rec['height']!r}"
+        return problem
 
 
 def open_image_file(file, decode: bool) -> tuple[tuple[int, int] | None, str | None]:
@@ -432,25 +818,11 @@ def open_image_file(file, decode: bool) -> tuple[tuple[int, int] | None, str | N
         return None, f"image file {file} cannot be decoded ({e})"
 
 
-def image_file_problem(rec: dict, images_dir: str | os.PathLike, decode: bool = False) -> str | None:
-    """What is wrong with an image record's file in ``images_dir`` (missing, not an image, of
-    another size than the record says; with ``decode`` also pixels that do not decode), or
+def image_file_problem(file, width, height, decode: bool = False) -> str | None:
+    """What is wrong with an image file whose record says ``width`` x ``height`` (missing,
+    not an image, of another size; with ``decode`` also pixels that do not decode), or
     ``None``."""
-    file = find_image_file(rec, images_dir)
     size, problem = open_image_file(file, decode)
-    if problem is None and size != (rec["width"], rec["height"]):
-        problem = f"file {file} is {size[0]}x{size[1]} but the record says {rec['width']}x{rec['height']}"
+    if problem is None and size != (width, height):
+        problem = f"file {file} is {size[0]}x{size[1]} but the record says {width}x{height}"
     return problem
-
-
-def _box_problem(bbox, image: dict) -> str | None:
-    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-        return f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}"
-    x, y, w, h = bbox
-    if w <= 0 or h <= 0:
-        return f"bbox {bbox} has non-positive width or height"
-    W, H = image["width"], image["height"]
-    t = BOX_TOLERANCE
-    if x < -t or y < -t or x + w > W + t or y + h > H + t:
-        return f"bbox {bbox} lies outside the {W}x{H} image id {image['id']}"
-    return None

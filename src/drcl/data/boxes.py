@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch
 from torchvision import tv_tensors
 
-from drcl.data.annotations import Annotations, image_file_name, read_json
+from drcl.data.annotations import Annotations, read_json
 from drcl.errors import DataError
 
 
@@ -30,7 +30,7 @@ def load_proposals(path, annotations: Annotations, max_per_image: int = 100, min
     records = read_json(path, "JSON list of proposals")
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of proposals in COCO results format")
-    images = {img["id"]: img for img in annotations.images}
+    images = annotations.image_pos
     per_image = defaultdict(list)
     for n, rec in enumerate(records):
         where = f"{path}: proposal #{n}"
@@ -38,9 +38,10 @@ def load_proposals(path, annotations: Annotations, max_per_image: int = 100, min
             raise DataError(f"{where}: needs 'image_id' and 'bbox'")
         if rec["image_id"] not in images:
             raise DataError(f"{where}: unknown image id {rec['image_id']}")
-        if "file_name" in rec and rec["file_name"] != image_file_name(images[rec["image_id"]]):
+        name = annotations.file_name(images[rec["image_id"]])
+        if "file_name" in rec and rec["file_name"] != name:
             raise DataError(f"{where}: image id {rec['image_id']} is {rec['file_name']} in the proposals but "
-                            f"{image_file_name(images[rec['image_id']])} here (were the proposals made for other images?)")
+                            f"{name} here (were the proposals made for other images?)")
         box, score = rec["bbox"], rec.get("score", 1.0)
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
             raise DataError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {box!r}")
@@ -55,9 +56,9 @@ def load_proposals(path, annotations: Annotations, max_per_image: int = 100, min
         items.sort(key=lambda s_b: -s_b[0])
         xywh = torch.tensor([b for _, b in items[:max_per_image]], dtype=torch.float32)
         xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
-        img = images[image_id]
-        xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, img["width"])
-        xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, img["height"])
+        width, height = annotations.image_size(images[image_id])
+        xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, width)
+        xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, height)
         out[image_id] = xyxy
     return out
 

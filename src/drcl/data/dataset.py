@@ -36,7 +36,7 @@ class DetectionDataset(Dataset):
             raise ValueError("DetectionDataset needs images_dir")
         self.transforms = transforms
         self.category_ids = [c["id"] for c in annotations.categories]
-        self.has_masks = masks and any("segmentation" in a for a in annotations.annotations)
+        self.has_masks = masks and bool(annotations.has_segmentation.any())
 
     def __len__(self) -> int:
         return self.ann.num_images
@@ -54,23 +54,24 @@ class DetectionDataset(Dataset):
         return tv_tensors.Image(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
 
     def target(self, i: int, height: int, width: int) -> dict:
-        records = [self.ann.annotations[k] for k in self.ann.anns_by_image[i]]
-        records = [a for a in records if not a.get("iscrowd", 0)]
-        boxes = torch.tensor([a["bbox"] for a in records], dtype=torch.float32).reshape(-1, 4)
+        ann = self.ann
+        ks = ann.instances_of(i)
+        ks = ks[~ann.iscrowd[ks]]
+        boxes = torch.from_numpy(ann.boxes[ks]).to(torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-        labels = [self.ann.category_pos[a["category_id"]] + 1 for a in records]
         target = {
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
-            "labels": torch.tensor(labels, dtype=torch.int64),
-            "ann_ids": torch.tensor([a["id"] for a in records], dtype=torch.int64),
-            "image_id": self.ann.images[i]["id"],
+            "labels": torch.from_numpy(ann.category_index[ks] + 1),
+            "ann_ids": torch.from_numpy(ann.ann_ids[ks].copy()),
+            "image_id": int(ann.image_ids[i]),
         }
         if self.has_masks:
             target["masks"] = tv_tensors.Mask(
-                torch.from_numpy(np.stack([segmentation_mask(a, height, width) for a in records]))
-                if records
+                torch.from_numpy(np.stack([segmentation_mask(ann.segmentation(k), ann.boxes[k], height, width)
+                                           for k in ks]))
+                if len(ks)
                 else torch.zeros((0, height, width), dtype=torch.uint8)
             )
         return target
@@ -90,13 +91,13 @@ def mask_api():
     return import_optional("faster_coco_eval.core.mask", "Mask R-CNN (model.masks=true)")
 
 
-def segmentation_mask(annotation: dict, height: int, width: int) -> np.ndarray:
+def segmentation_mask(seg, bbox, height: int, width: int) -> np.ndarray:
     """Binary (H, W) uint8 mask of a COCO/LVIS ``segmentation`` (polygons or RLE), rasterised
-    with the same code the COCO evaluators use; the box when there is no segmentation."""
-    seg = annotation.get("segmentation")
+    with the same code the COCO evaluators use; the box ``bbox`` ([x, y, w, h]) when there is no
+    segmentation."""
     if not seg:
         m = np.zeros((height, width), dtype=np.uint8)
-        x, y, w, h = annotation["bbox"]
+        x, y, w, h = (float(v) for v in bbox)
         m[int(y) : int(np.ceil(y + h)), int(x) : int(np.ceil(x + w))] = 1
         return m
     mask_util = mask_api()

@@ -51,7 +51,7 @@ def category_stats(ann: Annotations) -> dict:
     return {
         "file": ann.path,
         "images": ann.num_images,
-        "annotations": len(ann.annotations),
+        "annotations": ann.num_instances,
         "frequency_source": ann.frequency_source,
         "groups": groups,
         "categories": categories,

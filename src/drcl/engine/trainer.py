@@ -89,13 +89,16 @@ def build_optimizer(model: nn.Module, train: dict):
     return torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
 
 
-def prepare_run(cfg: dict, out_dir, resume: bool, images_only: bool = False):
+def prepare_run(cfg: dict, out_dir, resume: bool, images_only: bool = False, segmentations: bool = False):
     """What every training command does first: check ``--resume`` against the run folder,
     pick the device, join the process group, set threads and seed, and read the training
     annotations. With ``images_only`` (pre-training) ``data.train_json`` may be left out: the
     images of the folder ``data.train_images`` are read instead
-    (:func:`~drcl.data.annotations.load_image_folder`). Returns ``(info, device,
-    annotations)``; call :func:`~drcl.engine.distributed.cleanup` with ``info`` when done."""
+    (:func:`~drcl.data.annotations.load_image_folder`). The annotations are read as arrays,
+    without the file's records (and with each annotation's segmentation when
+    ``segmentations``): what DataLoader workers share after the fork stays small and is never
+    copied. Returns ``(info, device, annotations)``; call
+    :func:`~drcl.engine.distributed.cleanup` with ``info`` when done."""
     require(cfg, "data.train_images") if images_only else require(cfg, "data.train_json", "data.train_images")
     d, t = cfg["data"], cfg["train"]
     ckpt_path = Path(out_dir) / "checkpoints" / "last.pt"
@@ -111,7 +114,7 @@ def prepare_run(cfg: dict, out_dir, resume: bool, images_only: bool = False):
         torch.manual_seed(cfg["seed"])
         if d["train_json"]:
             ann = load_annotations(d["train_json"], d["train_images"], on_bad=d["on_bad"], check_images="header",
-                                   progress=info.is_main)
+                                   progress=info.is_main, records=False, segmentations=segmentations)
         else:
             ann = load_image_folder(d["train_images"], on_bad=d["on_bad"], progress=info.is_main)
     except BaseException:
@@ -133,7 +136,7 @@ def make_loader(cfg: dict, ann: Annotations, dataset, collate, info: DistInfo):
     round_iters = max(1, min(math.ceil(t["max_iters"] / s["updates"]), per_rank_batches))
     rounds = math.ceil(t["max_iters"] / round_iters)
     mode = s["mode"]
-    if mode != "random" and not ann.annotations:
+    if mode != "random" and not ann.num_instances:
         mode = "random"
         if info.is_main:
             print(f"{ann.path} has no labelled boxes: repeat factors (sampler.mode {s['mode']}) need categories, "
@@ -294,7 +297,7 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
                         health.observe(row)
                     if t["log_image_ids"]:
                         start = (done - 1) * batch  # this rank's batch in its epoch list
-                        ids = [task.ann.images[i]["id"] for i in sampler.indices[start:start + batch]]
+                        ids = task.ann.image_ids[sampler.indices[start:start + batch]].tolist()
                         row["image_ids"] = all_gather_objects(ids, info)
                     logger.log(row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}", img_s=f"{row['images_per_s']:.1f}")

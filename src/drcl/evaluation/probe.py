@@ -316,8 +316,8 @@ def run_probe(cfg: dict, weights=None, *, epochs: int = DEFAULT_EPOCHS, seed: in
     dev = pick_device(device or cfg["train"]["device"])
     encoder = load_encoder(m["preset"], m["norm"], weights, seed).to(dev)
 
-    train_ann = load_annotations(d["train_json"], d["train_images"], on_bad=d["on_bad"])
-    val_ann = load_annotations(d["val_json"], d["val_images"], on_bad=d["on_bad"])
+    train_ann = load_annotations(d["train_json"], d["train_images"], on_bad=d["on_bad"], records=False)
+    val_ann = load_annotations(d["val_json"], d["val_images"], on_bad=d["on_bad"], records=False)
     num_classes = train_ann.num_categories
     embeds = {}
     for split, ann in (("train", train_ann), ("val", val_ann)):

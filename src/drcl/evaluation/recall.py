@@ -38,16 +38,17 @@ def proposal_recall(ann: Annotations, proposals: dict, ks=(8, 100), iou: float =
     """
     best = {k: [] for k in ks}
     groups = []
-    for i, img in enumerate(ann.images):
-        records = [ann.annotations[j] for j in ann.anns_by_image[i] if not ann.annotations[j].get("iscrowd", 0)]
-        if not records:
+    for i, image_id in enumerate(ann.image_ids.tolist()):
+        mine = ann.instances_of(i)
+        mine = mine[~ann.iscrowd[mine]]
+        if not mine.size:
             continue
-        xywh = torch.tensor([a["bbox"] for a in records], dtype=torch.float32)
+        xywh = torch.from_numpy(ann.boxes[mine]).to(torch.float32)
         gt = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
-        props = proposals.get(img["id"], torch.zeros(0, 4))
+        props = proposals.get(image_id, torch.zeros(0, 4))
         for k in ks:
             best[k].append(best_iou(gt, props, k))
-        groups += [ann.frequency[ann.category_pos[a["category_id"]]] for a in records]
+        groups += [ann.frequency[c] for c in ann.category_index[mine]]
     groups = np.array(groups)
     hit = {k: (torch.cat(v).numpy() >= iou) if v else np.zeros(0, dtype=bool) for k, v in best.items()}
     out = {"all": {k: float(h.mean()) if h.size else None for k, h in hit.items()}, "boxes": {"all": int(groups.size)}}

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from drcl.atomic import atomic_write
-from drcl.data.annotations import GROUP_NAMES, Annotations, image_file_problem, load_annotations
+from drcl.data.annotations import GROUP_NAMES, Annotations, load_annotations
 from drcl.data.stats import GROUP_COLORS, pyplot
 from drcl.errors import DataError
 from drcl.evaluation.lvis_eval import read_detections, validate_detections
@@ -174,14 +174,14 @@ def confusion_table(ann: Annotations, detections: list[dict], categories: list[i
     chosen = set(categories)
     by_image = _ByImage(detections, min_score)
     boxes, found, into = Counter(), Counter(), defaultdict(Counter)
-    for i, anns in enumerate(ann.anns_by_image):
-        mine = [k for k in anns if ann.category_index[k] in chosen]
+    category_ids = np.array([cat["id"] for cat in ann.categories], dtype=np.int64)
+    for i in range(ann.num_images):
+        mine = [k for k in ann.instances_of(i).tolist() if ann.category_index[k] in chosen]
         if not mine:
             continue
-        image_id = ann.images[i]["id"]
-        gt_cats = [ann.annotations[k]["category_id"] for k in mine]
-        det_boxes, det_cats, _ = by_image.get(image_id)
-        hit, took = box_outcomes([ann.annotations[k]["bbox"] for k in mine], gt_cats, det_boxes, det_cats)
+        gt_cats = category_ids[ann.category_index[mine]].tolist()
+        det_boxes, det_cats, _ = by_image.get(int(ann.image_ids[i]))
+        hit, took = box_outcomes(ann.boxes[mine].tolist(), gt_cats, det_boxes, det_cats)
         for c, h, t in zip(gt_cats, hit.tolist(), took.tolist()):
             boxes[c] += 1
             found[c] += h
@@ -289,7 +289,6 @@ def _drawn_image(ann: Annotations, i: int, images_dir, by_image: _ByImage) -> to
     """Image ``i`` scaled up to :data:`MIN_SIDE` with its ground truth and detections drawn."""
     from PIL import Image
 
-    rec = ann.images[i]
     with Image.open(ann.image_path(i, images_dir)) as im:
         im = im.convert("RGB")
         scale = max(1.0, MIN_SIDE / max(im.size))
@@ -297,10 +296,10 @@ def _drawn_image(ann: Annotations, i: int, images_dir, by_image: _ByImage) -> to
             im = im.resize((round(im.size[0] * scale), round(im.size[1] * scale)), Image.BILINEAR)
         pixels = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
     names = {cat["id"]: cat["name"] for cat in ann.categories}
-    anns = [ann.annotations[k] for k in ann.anns_by_image[i]]
-    gt_boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-    gt_cats = np.array([a["category_id"] for a in anns], dtype=np.int64)
-    det_boxes, det_cats, scores = by_image.get(rec["id"])
+    anns = ann.instances_of(i)
+    gt_boxes = ann.boxes[anns].reshape(-1, 4)
+    gt_cats = np.array([ann.categories[c]["id"] for c in ann.category_index[anns]], dtype=np.int64)
+    det_boxes, det_cats, scores = by_image.get(int(ann.image_ids[i]))
     if len(anns) and len(det_cats):
         match = (box_iou(gt_boxes, det_boxes) >= IOU) & (gt_cats[:, None] == det_cats[None, :])
     else:
@@ -372,7 +371,7 @@ def visualize(
     if max_images < 1:
         raise ValueError(f"the number of images must be at least 1, not {max_images}")
     pyplot("drcl visualize")  # before any slow work
-    ann = gt if isinstance(gt, Annotations) else load_annotations(gt, images_dir, on_bad=on_bad)
+    ann = gt if isinstance(gt, Annotations) else load_annotations(gt, images_dir, on_bad=on_bad, records=False)
     chosen = select_categories(ann, categories)
     dets, label = read_detections(detections)
     dets, bad_dets = validate_detections(dets, label, ann.image_pos, set(ann.category_pos), on_bad)
@@ -395,20 +394,20 @@ def visualize(
         for i in order:
             if len(tiles) == max_images:
                 break
-            rec = ann.images[i]
-            problem = image_file_problem(rec, images_dir, decode=True)
+            image_id = int(ann.image_ids[i])
+            problem = ann.file_problem(i, images_dir, decode=True)
             if problem:
                 if on_bad == "error":
-                    raise DataError(f"{ann.path}: image id {rec['id']}: {problem}")
+                    raise DataError(f"{ann.path}: image id {image_id}: {problem}")
                 skipped["image files"] += 1
                 continue
             image = _drawn_image(ann, i, images_dir, by_image)
-            path = out / "images" / f"{rec['id']}.png"
+            path = out / "images" / f"{image_id}.png"
             _save_png(image, path)
             written.append(path)
-            held = sorted({ann.categories[ann.category_index[k]]["name"] for k in ann.anns_by_image[i]
+            held = sorted({ann.categories[ann.category_index[k]]["name"] for k in ann.instances_of(i)
                            if ann.category_index[k] in chosen_set})
-            tiles.append((image, f"image {rec['id']}: " + ", ".join(held)))
+            tiles.append((image, f"image {image_id}: " + ", ".join(held)))
             bar.update(1)
     if tiles:
         plot_gallery(tiles, out / "gallery.png", f"Val images holding {what}\n{_legend(min_score)}")
@@ -448,14 +447,14 @@ def plot_detections_side_by_side(
     chosen_set = set(chosen)
     tiles, rows = [], 0
     for i in _gallery_order(gt, chosen)[:max_images]:
-        rec = gt.images[i]
-        problem = image_file_problem(rec, images_dir, decode=True)
+        image_id = int(gt.image_ids[i])
+        problem = gt.file_problem(i, images_dir, decode=True)
         if problem:
-            raise DataError(f"{gt.path}: image id {rec['id']}: {problem}")
-        held = sorted({gt.categories[gt.category_index[k]]["name"] for k in gt.anns_by_image[i]
+            raise DataError(f"{gt.path}: image id {image_id}: {problem}")
+        held = sorted({gt.categories[gt.category_index[k]]["name"] for k in gt.instances_of(i)
                        if gt.category_index[k] in chosen_set})
         for label, by_image in by_run.items():
-            tiles.append((_drawn_image(gt, i, images_dir, by_image), f"{label}: image {rec['id']} ({', '.join(held)})"))
+            tiles.append((_drawn_image(gt, i, images_dir, by_image), f"{label}: image {image_id} ({', '.join(held)})"))
         rows += 1
     if tiles:
         what = _describe(categories)
