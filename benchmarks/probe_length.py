@@ -2,7 +2,7 @@
 1,000 iterations of the shipped tiny config, several seeds, on the demo's data.
 
 A contrastive recipe is working only when its exported features improve with longer runs
-(DESIGN.md §3), not only when its losses fall. For each length L and seed S this runs
+(docs/method.md), not only when its losses fall. For each length L and seed S this runs
 ``drcl pretrain --config tiny --set train.max_iters=L --set seed=S`` (its own schedule: warm-up,
 cosine learning rate and momentum over L iterations) and ``drcl probe`` on the encoder it
 exports; length 0 is the random init of seed S. Each (L, S) keeps its run in

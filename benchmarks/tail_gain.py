@@ -1,6 +1,6 @@
 """Does 2DRCL pre-training raise AP on tail classes? Rows at matched total compute, several seeds.
 
-Rows (DESIGN.md §3-§4 and the paper's ablations):
+Rows (docs/method.md and the paper's ablations):
 
     random      no pre-training; fine-tuning gets extra iterations worth the pre-training's counted FLOPs
     hcl         HCL only (image-level MoCo-style contrast)
@@ -19,7 +19,7 @@ Diagnostic rows, not in the default set (``--rows`` names them):
     alpha_image      full, alpha held at 1 (image-level rebalancing, RFS) all through
     alpha_instance   full, alpha held at 0 (instance-level rebalancing) all through
     supervised_lcl   full, with same-category boxes as extra LCL positives
-    no_hcl           full without HCL (DESIGN.md §3: image-level contrast alone hurt box features)
+    no_hcl           full without HCL (image-level contrast alone hurt box features: benchmarks/HISTORY.md)
     boxes_random     full with random boxes instead of ground truth (LCL self-supervised)
     boxes_ss         full with 8 selective-search proposals per image (``drcl proposals``)
     boxes_detector   full with 8 proposals per image from a class-agnostic detector (``drcl

@@ -1,4 +1,4 @@
-"""Two box-aware views of one image for contrastive pre-training (DESIGN.md §3).
+"""Two box-aware views of one image for contrastive pre-training (docs/method.md).
 
 The recipe is MoCo v2's, applied to boxes as well as pixels with ``torchvision.transforms.v2``.
 Each view, independently:

@@ -1,6 +1,6 @@
 """Where local contrast (LCL) gets its boxes when ground truth is not used.
 
-In order of preference (DESIGN.md §3): ground-truth boxes (the dataset's targets as they
+In order of preference (docs/method.md): ground-truth boxes (the dataset's targets as they
 are), a proposals file in COCO results format from any class-agnostic detector
 (:class:`ProposalBoxes`), or random boxes as the last resort (:class:`RandomBoxes`). Both
 replace a target's boxes before the two views are drawn, so the views pair them like

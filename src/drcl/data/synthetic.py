@@ -1,6 +1,6 @@
 """A deterministic synthetic long-tailed detection dataset in LVIS v1 format.
 
-Used for demos, tests and CI on the ``tiny`` preset (DESIGN.md section 6), where LVIS itself
+Used for demos, tests and CI on the ``tiny`` preset (docs/data.md), where LVIS itself
 is out of reach. ``make_dataset`` writes::
 
     out_dir/annotations/train.json   out_dir/images/train/000000000001.jpg ...
@@ -28,7 +28,7 @@ instance counts fall geometrically with rank, the largest about ``imbalance`` ti
 smallest, and every class gets at least one instance (:func:`long_tail_counts`). Val counts
 are equal across classes (within one instance), so rare classes can be scored. Every third
 category id is "gregarious": its instances come in runs that tend to share an image, so
-image-level and instance-level frequencies differ, as they do in LVIS (DESIGN.md section 2).
+image-level and instance-level frequencies differ, as they do in LVIS (docs/method.md, DRB).
 
 Layout. Each image holds 1-6 objects, longest side 15%-45% of the image, aspect 0.75-1,
 rotated by up to 15 degrees, at most 20% of each side cut by the image border. Placement

@@ -1,7 +1,7 @@
 """Training health of contrastive pre-training: is each term learning, and does what we
 export keep its spread?
 
-A contrastive recipe is working only when each term's own signals say so (DESIGN.md §3). Per
+A contrastive recipe is working only when each term's own signals say so (docs/method.md). Per
 contrastive term t (HCL, LCL), from every step's statistics (:meth:`drcl.model.drcl.DRCL.forward`):
 
 * ``t`` / ``t_chance``: the loss against its chance level, the loss of a query that cannot

@@ -5,7 +5,7 @@ embeds every ground-truth box of the train and val sets (``roi``: RoIAlign 7x7 o
 levels -> ``TwoMLPHead``, ``representation_size`` dims). A multinomial logistic regression
 is fitted on the train embeddings and scored on the val embeddings: top-1 accuracy per LVIS
 frequency group (rare / common / frequent, from the *train* annotations' ``frequency``) and
-overall, and the mean of per-class accuracies per group. DESIGN.md §3 uses this probe to
+overall, and the mean of per-class accuracies per group. BENCHMARKS.md uses this probe to
 compare pre-training recipes against the random-init baseline (``weights=None``).
 
     from drcl.config import load_config

@@ -13,7 +13,7 @@ The tiny preset's FPN is 128 wide because at 160 px a 256-wide FPN costs more th
 ResNet-18 under it on a CPU (its stride-4 3x3 output conv alone took two thirds of the FPN's
 time), and pre-training runs it forward and backward for every view.
 
-Normalisation (DESIGN.md §3): torchvision defaults to FrozenBatchNorm2d, right for fine-tuning
+Normalisation (docs/method.md): torchvision defaults to FrozenBatchNorm2d, right for fine-tuning
 ImageNet weights and wrong for training from scratch or pre-training. ``norm`` picks
 ``"bn"`` (BatchNorm; converted to SyncBN under DDP by the engine), ``"gn"`` (GroupNorm, 32
 groups, for tiny per-device batches) or ``"frozen_bn"``.

@@ -1,5 +1,5 @@
 """The 2DRCL pre-training module: HCL + LCL + AR + SR over one online and one momentum
-encoder (DESIGN.md §3-§4).
+encoder (docs/method.md, "One training step").
 
 One training step, for a batch of two augmented views (x1, x2) with paired boxes:
 

@@ -1,7 +1,7 @@
 """Local Contrastive Learning (LCL): box-level contrast across the two views.
 
 Up to K boxes per image are chosen without replacement with probability proportional to
-their category's repeat factor r_a(c) (DRB at the instance level, DESIGN.md §2), so tail
+their category's repeat factor r_a(c) (DRB at the instance level, docs/method.md), so tail
 instances in crowded images are not drowned by head instances; uniformly with DRB off.
 For each chosen box, MultiScaleRoIAlign (7x7) over the FPN -> box head -> projector ->
 predictor gives the online query; the same box in the other view through the momentum

@@ -1,4 +1,4 @@
-"""Dynamic rebalancing (DESIGN.md section 2): repeat factors, alpha schedules, the sampler.
+"""Dynamic rebalancing (docs/method.md, DRB): repeat factors, alpha schedules, the sampler.
 
 The functions take a dataset as two int arrays over its annotations, ``image_index`` and
 ``category_index``, plus the numbers of images and categories; they are pure and
