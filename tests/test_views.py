@@ -197,10 +197,153 @@ def test_blur_kernel_is_capped_without_changing_the_blur():
 
     from drcl.views import MAX_BLUR_KERNEL
 
-    kernels = {s: TwoViewTransform(size=s).photometric[0].transforms[2].transforms[0].kernel_size[0] for s in (64, 160, 800)}
+    kernels = {s: TwoViewTransform(size=s).reference[0].transforms[3].transforms[0].kernel_size[0] for s in (64, 160, 800)}
     assert kernels == {64: 7, 160: 17, 800: MAX_BLUR_KERNEL}  # MoCo v2's 10 % of the size, capped
+    assert {s: TwoViewTransform(size=s, photometric="device").kernel for s in kernels} == kernels
     # at the largest sigma the capped kernel blurs as the 10 % one (81 px at 800) does
     image = torch.rand(3, 120, 120, generator=torch.Generator().manual_seed(0))
     wide = TF.gaussian_blur(image, [81, 81], [2.0, 2.0])
     capped = TF.gaussian_blur(image, [MAX_BLUR_KERNEL] * 2, [2.0, 2.0])
     assert (wide - capped)[:, 40:80, 40:80].abs().max() < 1e-3  # away from the reflected borders
+
+
+# --------------------------------------------------------------------------- the device path
+
+
+def _hue_angle(x: torch.Tensor):
+    """Hue angle and chroma of each pixel of (N, 3, S, S)."""
+    r, g, b = x.unbind(1)
+    u, v = 2 * r - g - b, 3**0.5 * (g - b)
+    return torch.atan2(v, u), (u * u + v * v).sqrt() / 2
+
+
+def _stats(views: torch.Tensor, plain: torch.Tensor) -> dict:
+    """Per-view statistics of (N, 3, S, S) float views: what each photometric step moves.
+    ``plain`` are the same views before it (the same geometric draws): the hue turn is
+    measured against them."""
+    chroma = views.amax(1) - views.amin(1)
+    angle, strength = _hue_angle(views)
+    angle0, strength0 = _hue_angle(plain)
+    coloured = ((strength > 0.05) & (strength0 > 0.05)).float()
+    turn = (angle - angle0 + torch.pi).remainder(2 * torch.pi) - torch.pi
+    high = ((views[..., 1:] - views[..., :-1]) ** 2).mean((1, 2, 3)) + ((views[..., 1:, :] - views[..., :-1, :]) ** 2).mean((1, 2, 3))
+    return {
+        "mean": views.mean((1, 2, 3)),
+        "std": views.std((1, 2, 3)),
+        "chroma": chroma.mean((1, 2)),
+        "hue_turn": (turn.abs() * coloured).sum((1, 2)) / coloured.sum((1, 2)).clamp(min=1),
+        "high_frequency": high / (views.var((1, 2, 3)) + 1e-4),  # per unit of contrast: what blur moves
+        "grey": (chroma.amax((1, 2)) < 1e-6).float(),
+        "solarized": (views.amax((1, 2, 3)) <= 0.5).float(),
+    }
+
+
+def _ks(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic."""
+    grid = torch.cat([a, b]).sort().values
+    fa = torch.searchsorted(a.sort().values, grid, right=True) / len(a)
+    fb = torch.searchsorted(b.sort().values, grid, right=True) / len(b)
+    return float((fa - fb).abs().max())
+
+
+def _differences(ref: dict, dev: dict) -> list[str]:
+    """The statistics whose distributions differ: KS above its 0.1 % critical value
+    (1.95 sqrt(2 / N)), fractions (grey, solarized) more than 4 standard errors apart."""
+    n = len(ref["mean"])
+    out = []
+    for k in ref:
+        if k in ("grey", "solarized"):
+            p = float((ref[k].mean() + dev[k].mean()) / 2)
+            if abs(float(ref[k].mean() - dev[k].mean())) > 4 * max(p * (1 - p), 1 / n) ** 0.5 * (2 / n) ** 0.5:
+                out.append(f"{k}: {float(ref[k].mean()):.3f} vs {float(dev[k].mean()):.3f}")
+        elif _ks(ref[k], dev[k]) > 1.95 * (2 / n) ** 0.5:
+            out.append(f"{k}: KS {_ks(ref[k], dev[k]):.3f}")
+    return out
+
+
+PARITY_SEEDS = range(300)
+PARITY_SIZE = 32
+
+
+def _parity_sample():
+    """The synthetic sample with a fine texture (noise, +-60 grey levels) around its
+    rectangles, so that blur shows in the high frequencies."""
+    image, target = synthetic_sample()
+    noise = torch.randint(-60, 61, (1, 96, 96), generator=torch.Generator().manual_seed(0))
+    background = (image == 128).all(0, keepdim=True)
+    image = torch.where(background, (128 + noise).clamp(0, 255).to(torch.uint8), image)
+    return tv_tensors.Image(image), target
+
+
+def _batch_of(transform: TwoViewTransform, seeds):
+    """The parity sample's two views under each seed, collated."""
+    image, target = _parity_sample()
+    items = []
+    for seed in seeds:
+        torch.default_generator.manual_seed(seed)
+        items.append(transform(image, target))
+    return collate_views(items)
+
+
+@pytest.fixture(scope="module")
+def parity():
+    """The reference's views, the device path's batch (uint8 views and parameters) and each
+    view's photometric seed, all under the same sample seeds."""
+    reference = TwoViewTransform(size=PARITY_SIZE)
+    device = TwoViewTransform(size=PARITY_SIZE, photometric="device")
+    view_seeds = []
+    for seed in PARITY_SEEDS:  # what the transform draws first, to seed each view's photometric draws
+        torch.default_generator.manual_seed(seed)
+        view_seeds.append(torch.randint(0, 2**62, (2,)).tolist())
+    return reference.finish(_batch_of(reference, PARITY_SEEDS)), device, _batch_of(device, PARITY_SEEDS), view_seeds
+
+
+def test_device_path_matches_the_reference_views(parity):
+    (ref1, ref2, ref_t1, ref_t2), device, batch, _ = parity
+    dev1, dev2, dev_t1, dev_t2 = device.finish(batch)
+    assert batch[0].dtype == torch.uint8 and dev1.dtype == torch.float32 and dev1.shape == ref1.shape
+    # the same geometric draw: the same boxes, to the bit
+    for a, b in zip(ref_t1 + ref_t2, dev_t1 + dev_t2):
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["ann_ids"], b["ann_ids"])
+    for view, (ref, dev) in enumerate(((ref1, dev1), (ref2, dev2))):
+        plain = batch[view].float() / 255  # the views before their photometric half
+        s_ref, s_dev = _stats(ref, plain), _stats(dev, plain)
+        assert _differences(s_ref, s_dev) == []
+        assert abs(float(s_dev["grey"].mean()) - device.recipes[view].grayscale_p) < 0.1  # the recipe's fraction
+
+
+@pytest.mark.parametrize("view,change", [
+    (0, {"grayscale_p": 0.4}),
+    (1, {"solarize_p": 0.4}),
+    (1, {"blur_p": 0.5}),
+    (0, {"sigma": (0.1, 1.0)}),
+    (0, {"color_jitter": (0.8, 0.4, 0.4, 0.1)}),
+    (0, {"color_jitter": (0.4, 0.4, 0.4, 0.3)}),
+    (1, {"color_jitter_p": 0.4}),
+])
+def test_a_device_path_that_draws_differently_fails_the_comparison(parity, view, change):
+    import dataclasses
+
+    from drcl.photometric import apply
+
+    reference, device, batch, view_seeds = parity
+    recipe = dataclasses.replace(device.recipes[view], **change)
+    params = torch.stack([recipe.draw(torch.Generator().manual_seed(seeds[view])) for seeds in view_seeds])
+    # the draws it replaces are the device path's own (the parity test's)
+    assert torch.equal(torch.stack([device.recipes[view].draw(torch.Generator().manual_seed(seeds[view]))
+                                    for seeds in view_seeds]), batch[4 + view])
+    plain = batch[view].float() / 255
+    wrong = apply(batch[view], params, device.kernel)
+    assert _differences(_stats(reference[view], plain), _stats(wrong, plain)) != []
+
+
+def test_device_path_views_are_a_function_of_the_seed():
+    image, target = synthetic_sample()
+    device = TwoViewTransform(size=48, photometric="device")
+    out = []
+    for _ in range(2):
+        torch.default_generator.manual_seed(5)
+        out.append(device(image, target))
+    for (img_a, t_a), (img_b, t_b) in zip(*out):
+        assert img_a.dtype == torch.uint8 and torch.equal(img_a, img_b)
+        assert torch.equal(t_a["photometric"], t_b["photometric"])

@@ -39,6 +39,7 @@ DEFAULTS: dict = {
         "class_agnostic": False,
         "image_size": 160,
         "crop_scale": [0.3, 1.0],
+        "photometric": "auto",
         "workers": 2,
     },
     "sampler": {
@@ -84,6 +85,7 @@ DEFAULTS: dict = {
 CHOICES = {
     "data.on_bad": ("error", "skip"),
     "data.boxes": ("gt", "proposals", "random"),
+    "data.photometric": ("auto", "loader", "device"),
     "sampler.mode": ("random", "rfs", "irfs", "dynamic"),
     "sampler.schedule": ("linear", "cosine", "step"),
     "model.preset": ("tiny", "r50-fpn", "r101-fpn"),
