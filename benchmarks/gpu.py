@@ -572,7 +572,7 @@ def part3(ctx, res: dict, deadline: float) -> None:
     root = ctx.work / "p3-data"
     cfg = load_config("lvis_r50")
     size = s["p3_size"]
-    ann = load_annotations(*split_paths(root, "train"))
+    ann = load_annotations(*split_paths(root, "train"), records=False)
     views = TwoViewTransform(size=size, scale=tuple(cfg["data"]["crop_scale"]))
     dataset = DetectionDataset(ann, transforms=_Compose(None, views), masks=False)
     batch = s["p3_batch"]

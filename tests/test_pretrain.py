@@ -26,7 +26,10 @@ def _weights(run):
     return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
 
 
-def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, tiny_args):
+@pytest.mark.parametrize("photometric", ["loader", "device"])
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, tiny_args, photometric):
+    # on the device path the workers draw each view's photometric parameters from the sample's seed
+    tiny_args = tiny_args + [f"data.photometric={photometric}"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_cli(tiny_args, full), cwd=ROOT, check=True, capture_output=True)
 

@@ -26,7 +26,7 @@ from drcl.data.boxes import ProposalBoxes, RandomBoxes, load_proposals
 from drcl.data.dataset import DetectionDataset
 from drcl.engine.distributed import cleanup
 from drcl.engine.health import Health, fixed_batch
-from drcl.engine.trainer import NonFiniteLoss, Task, make_loader, prepare_run, train
+from drcl.engine.trainer import NonFiniteLoss, Task, make_loader, prepare_run, to_device, train
 from drcl.model.drcl import DRCL, ENCODER_PREFIX, TERMS
 from drcl.model.memory import momentum_at
 from drcl.views import TwoViewTransform, collate_views
@@ -47,9 +47,28 @@ class _Compose:
         return self.views(image, target)
 
 
-def _forward(model, batch, generator, weights):
-    images1, images2, targets1, targets2 = batch
-    return model(images1, images2, targets1, targets2, weights, generator)
+class _Forward:
+    """One step's forward: the views finished on the device (their photometric half, when the
+    workers left it to the device), then the model."""
+
+    def __init__(self, views: TwoViewTransform):
+        self.views = views
+
+    def __call__(self, model, batch, generator, weights):
+        images1, images2, targets1, targets2 = self.views.finish(batch)
+        return model(images1, images2, targets1, targets2, weights, generator)
+
+
+def _images_to_device(batch, device):
+    """The views' pixels (and photometric parameters) to the device; the targets stay on the
+    host, where the boxes are chosen (:func:`drcl.model.lcl.select_boxes`)."""
+    return tuple(to_device(x, device) if torch.is_tensor(x) else x for x in batch)
+
+
+def photometric_on(cfg: dict, device: torch.device) -> str:
+    """``data.photometric`` resolved: ``auto`` is ``device`` on CUDA, ``loader`` elsewhere."""
+    where = cfg["data"]["photometric"]
+    return ("device" if device.type == "cuda" else "loader") if where == "auto" else where
 
 
 def start_from(model: DRCL, cfg: dict, out_dir, report: bool = True) -> dict:
@@ -85,7 +104,8 @@ def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
             source = RandomBoxes()
         if source is not None and cfg["model"]["supervised"] and info.is_main:
             print(f"data.boxes is '{d['boxes']}': its boxes have no category, so LCL has no supervised positives")
-        views = TwoViewTransform(size=d["image_size"], scale=tuple(d["crop_scale"]))
+        views = TwoViewTransform(size=d["image_size"], scale=tuple(d["crop_scale"]),
+                                 photometric=photometric_on(cfg, device))
         dataset = DetectionDataset(ann, transforms=_Compose(source, views), masks=False)
         sampler, loader, round_iters = make_loader(cfg, ann, dataset, collate_views, info)
         model = DRCL(drcl_config(cfg))
@@ -110,9 +130,9 @@ def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
             print(f"done; checkpoint {ckpt_path}, encoder weights {out / 'encoder.pt'}")
             return {"encoder": str(out / "encoder.pt")}
 
-        task = Task("pretrain", model, ann, sampler, loader, round_iters, _forward,
+        task = Task("pretrain", model, ann, sampler, loader, round_iters, _Forward(views),
                     terms=lambda result: [k for k in TERMS if k in result], after_step=after_step, finish=finish,
-                    health=health)
+                    health=health, to_device=_images_to_device)
         return train(task, cfg, out_dir, resume, info, device)
     finally:
         cleanup(info)

@@ -81,3 +81,28 @@ def test_mask_rcnn_variant_trains():
     losses = det([torch.rand(3, 96, 96)], targets)
     assert "loss_mask" in losses
     sum(losses.values()).backward()
+
+
+def test_boxes_pooled_with_host_levels_equal_torchvision_multiscale_roi_align():
+    from drcl.model.detector import pool_boxes
+
+    enc = build_encoder("tiny", norm="gn")
+    g = torch.Generator().manual_seed(0)
+    h, w = 512, 512
+    images = torch.rand(3, 3, h, w, generator=g)
+    with torch.no_grad():
+        fpn = enc.backbone.fpn(enc.backbone.body(images))
+    boxes = []
+    sides = torch.tensor([4.0, 30, 111, 130, 160, 240, 300, 500])  # levels 2, 2, 2, 3, 3, 4, 4, 5 (224 px: 4)
+    for picked in (sides, sides[:0], sides[[1, 4, 7]]):  # an image without boxes too
+        wh = picked[:, None] * torch.tensor([[1.0, 0.9]])
+        xy = torch.rand(len(picked), 2, generator=g) * (torch.tensor([w, h]) - wh).clamp(min=0)
+        boxes.append(torch.cat([xy, xy + wh], 1))
+    reference = enc.box_roi_pool(fpn, boxes, [(h, w)] * 3)
+    pooled = pool_boxes(enc.box_roi_pool, fpn, boxes, (h, w))
+    assert torch.equal(pooled, reference)
+    # the boxes spread over more than one level, so the level split was exercised
+    from torchvision.ops.poolers import LevelMapper
+
+    levels = LevelMapper(2, 5)(boxes)
+    assert set(levels.tolist()) == {0, 1, 2, 3}

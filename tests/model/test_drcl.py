@@ -192,3 +192,74 @@ def test_hcl_only_skips_the_fpn(monkeypatch):
     monkeypatch.setattr(fpn, "forward", lambda *a, **k: calls.append(1))
     out = model(*_batch(), generator=torch.Generator().manual_seed(0))
     assert set(k for k in out if k in ("hcl", "lcl", "ar", "sr")) == {"hcl"} and calls == []
+
+
+# --------------------------------------------------------------------------- host-device waits
+
+#: Ops that make the host wait for a GPU when their tensors live there: they return a Python
+#: value, or an output whose size depends on the data.
+_WAITING = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "equal", "unique_dim", "_unique2",
+            "unique_consecutive", "argwhere", "masked_scatter_"}
+#: The step's host-side work: the targets stay on the host and these functions compute on them
+#: (choosing boxes, their pyramid levels, the mask's patch draws) before anything crosses.
+_HOST_SIDE = ("drcl/model/lcl.py:select_boxes", "drcl/sampling/", "drcl/model/detector.py:pool_boxes",
+              "drcl/model/ar.py:patch_mask")
+
+
+def _waiting_ops(fn) -> list[str]:
+    """Where ``fn`` runs ops that would wait for a GPU, outside the step's host-side work."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.overloadpacket.__name__
+            indices = args[1] if name in ("index", "index_put", "index_put_", "_index_put_impl_") else ()
+            boolean = any(torch.is_tensor(i) and i.dtype == torch.bool for i in indices or ())
+            if name in _WAITING or boolean:
+                frames = [f"{f.filename.split('/src/')[-1]}:{f.name} line {f.lineno}"
+                          for f in traceback.extract_stack() if "/src/drcl/" in f.filename]
+                if not any(h in f for f in frames for h in _HOST_SIDE):
+                    found.append(f"{name} in {frames[-1] if frames else 'torch (backward)'}")
+            return func(*args, **kwargs)
+
+    with Count():
+        fn()
+    return found
+
+
+def test_a_step_never_waits_for_the_device_outside_the_host_side_work():
+    """On a GPU each such op is a host-device sync: 52 in a step before (BENCHMARKS.md, "The
+    GPU run"), from the InfoNCE row selection, the queue pointers, torchvision's RoIAlign level
+    split and the queue fill. CPU tensors cannot wait, so the ops are counted where they run."""
+    from drcl.engine.trainer import build_optimizer
+
+    model = _model()
+    optimizer = build_optimizer(model, {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4})
+    images1, images2, t1, t2 = _batch(b=3)
+    for t in t1 + t2:
+        t["ann_ids"] = torch.arange(len(t["labels"]))
+    for i, t in enumerate(t1):
+        t["image_id"] = t2[i]["image_id"] = i + 1
+    weights = torch.tensor([1.0, 2.0, 3.0])
+
+    def step(seed):
+        out = model(images1, images2, t1, t2, weights, torch.Generator().manual_seed(seed))
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 20.0)
+        optimizer.step()
+        model.momentum_update(0.99)
+        return out
+
+    assert _waiting_ops(lambda: step(0)) == []
+    assert _waiting_ops(lambda: step(1)) == []  # with keys in the queues
+    for queue, added in ((model.hcl_queue, 2 * 2 * 3), (model.lcl_queue, None)):
+        # the host's counters are the saved buffers'
+        assert 0 < queue.fill == int(queue.filled) and int(queue.ptr) == queue._counters()[0]
+        if added is not None:
+            assert queue.fill == min(added, queue.size) and int(queue.ptr) == added % queue.size

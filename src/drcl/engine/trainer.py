@@ -148,9 +148,10 @@ def make_loader(cfg: dict, ann: Annotations, dataset, collate, info: DistInfo):
     sampler = RepeatFactorSampler(ann.image_index, ann.category_index, ann.num_images, ann.num_categories,
                                   mode=mode, threshold=s["threshold"], seed=cfg["seed"], rank=info.rank,
                                   world_size=world, **kwargs)
+    # pinned batches cross to a GPU as queued copies (from pageable memory every copy waits)
     loader = DataLoader(SeededDataset(dataset), batch_size=batch, sampler=SeededSampler(sampler, cfg["seed"]),
                         collate_fn=collate, num_workers=d["workers"], persistent_workers=d["workers"] > 0,
-                        drop_last=True)
+                        drop_last=True, pin_memory=pick_device(t["device"]).type == "cuda")
     return sampler, loader, round_iters
 
 
@@ -161,6 +162,8 @@ class Task:
     ``forward(model, batch, generator, category_weights)`` returns a dict with ``loss`` (the
     total) and any floats to log; ``terms`` names the loss terms checked for NaN/inf;
     ``after_step(it)`` runs after each optimiser step and returns values to log;
+    ``to_device(batch, device)`` moves a batch from the loader to the device (default: every
+    tensor in it);
     ``finish(out_dir)`` runs on rank 0 at the end and returns a summary.
     """
 
@@ -173,19 +176,22 @@ class Task:
     forward: Callable
     terms: Callable[[dict], list]
     after_step: Callable[[int], dict] = lambda it: {}
+    to_device: Callable = None  # default: to_device (every tensor of the batch)
     finish: Callable[[Path], dict] = lambda out: {}
     ddp_unused: bool = True
     meta: dict | None = None  # saved in every checkpoint (e.g. the category ids of the labels)
     health: object | None = None  # a drcl.engine.health.Health: training-health signals and warnings
 
 
-def _to(batch, device):
+def to_device(batch, device):
+    """Every tensor in ``batch`` (nested lists, tuples, dicts) on ``device``; queued copies
+    from pinned memory (the loader pins its batches when a GPU is there)."""
     if torch.is_tensor(batch):
-        return batch.to(device)
+        return batch.to(device, non_blocking=batch.is_pinned())
     if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(v, device) for v in batch)
+        return type(batch)(to_device(v, device) for v in batch)
     return batch
 
 
@@ -201,7 +207,9 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
         core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
     model = core
     if info.distributed:
-        model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if cuda else None,
+        # device_ids None: DDP would copy every tensor of a batch to the device, the targets
+        # the 2DRCL step keeps on the host among them; the tasks place their inputs themselves
+        model = nn.parallel.DistributedDataParallel(core, device_ids=None,
                                                     find_unused_parameters=task.ddp_unused)
     optimizer = build_optimizer(core, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, t))
@@ -260,7 +268,7 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
             weights = torch.tensor(sampler.category_factors, dtype=torch.float32, device=device)
             batches = iter(task.loader)
             while done < task.round_iters and it < t["max_iters"]:
-                data = _to(next(batches), device)
+                data = (task.to_device or to_device)(next(batches), device)
                 gen.manual_seed(cfg["seed"] * 1_000_003 + it * 7919 + info.rank)
                 counting = [FlopCounterMode(display=False), FlopCounterMode(display=False)] if flops is None else None
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None), \

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from drcl.model.host import to_device
+
 
 def patch_mask(n: int, height: int, width: int, patch: int = 16, ratio: float = 0.5,
                generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -27,9 +29,10 @@ def patch_mask(n: int, height: int, width: int, patch: int = 16, ratio: float = 
     order = torch.rand(n, gh * gw, generator=generator).argsort(dim=1)
     grid = torch.zeros(n, gh * gw)
     grid.scatter_(1, order[:, :hidden], 1.0)
+    device = device if device is not None else "cpu"
     # the draws stay on the CPU generator; only the small patch grid crosses to ``device`` and is
     # expanded to pixels there (building the full mask on the CPU took ~40 ms per step at 800 px)
-    grid = grid.view(n, 1, gh, 1, gw, 1).to(device)
+    grid = to_device(grid, device).view(n, 1, gh, 1, gw, 1)
     mask = grid.expand(n, 1, gh, patch, gw, patch).reshape(n, 1, gh * patch, gw * patch)
     return mask[:, :, :height, :width]
 

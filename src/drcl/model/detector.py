@@ -21,6 +21,7 @@ groups, for tiny per-device batches) or ``"frozen_bn"``.
 
 from __future__ import annotations
 
+import math
 import os
 from functools import partial
 from pathlib import Path
@@ -33,7 +34,10 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from drcl.model.host import to_device
 
 PRESETS: dict[str, dict] = {
     "tiny": {
@@ -169,9 +173,40 @@ class Encoder(nn.Module):
             return out
         out["fpn"] = fpn = self.backbone.fpn(stages)
         if boxes is not None:
-            size = [tuple(images.shape[-2:])] * images.shape[0]
-            out["roi"] = self.roi_heads.box_head(self.box_roi_pool(fpn, boxes, size))
+            out["roi"] = self.roi_heads.box_head(pool_boxes(self.box_roi_pool, fpn, boxes, tuple(images.shape[-2:])))
         return out
+
+
+def pool_boxes(pooler: MultiScaleRoIAlign, features: dict, boxes: list[torch.Tensor], image_size: tuple[int, int]):
+    """``pooler(features, boxes, [image_size] * len(boxes))``, torchvision's MultiScaleRoIAlign
+    of each image's (K_i, 4) XYXY boxes, with each box's FPN level found on the host.
+
+    torchvision maps boxes to levels where they are and picks each level's boxes with
+    ``torch.where``: for boxes on a GPU the host waits for it once per level, 8 times in a
+    2DRCL step. Here the level arithmetic is torchvision's (``LevelMapper``: level
+    ``floor(4 + log2(sqrt(area) / 224) + 1e-6)`` clamped to the pyramid; scales from the
+    feature sizes) done on host boxes (the training loop keeps them there; boxes on a device
+    are copied back once), and only the rois and each level's indices cross, queued."""
+    feats = [features[k] for k in pooler.featmap_names]
+    device = feats[0].device
+    host = [b.detach().to("cpu", torch.float32) for b in boxes]
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], dim=1) for i, b in enumerate(host)])
+    scales = [2.0 ** float(torch.tensor(f.shape[-2] / image_size[0]).log2().round()) for f in feats]
+    k_min, k_max = -math.log2(scales[0]), -math.log2(scales[-1])
+    area = (rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])
+    levels = torch.floor(4 + torch.log2(torch.sqrt(area) / 224) + torch.tensor(1e-6, dtype=area.dtype))
+    levels = (levels.clamp(min=k_min, max=k_max).to(torch.int64) - int(k_min)).to(torch.int64)
+    rois_dev = to_device(rois, device)
+    result = torch.zeros((len(rois), feats[0].shape[1], *pooler.output_size), dtype=feats[0].dtype, device=device)
+    for level, (feature, scale) in enumerate(zip(feats, scales)):
+        idx = torch.nonzero(levels == level).flatten() if len(feats) > 1 else torch.arange(len(rois))
+        if len(idx) == 0:
+            continue
+        idx = to_device(idx, device)
+        pooled = roi_align(feature, rois_dev[idx], output_size=pooler.output_size, spatial_scale=scale,
+                           sampling_ratio=pooler.sampling_ratio)
+        result[idx] = pooled.to(result.dtype)
+    return result
 
 
 def build_encoder(name: str, norm: str = "bn", imagenet: bool = False) -> Encoder:

@@ -31,6 +31,7 @@ from drcl.model.ar import Decoder, ar_loss, patch_mask
 from drcl.model.detector import build_encoder
 from drcl.model.hcl import hcl_loss
 from drcl.model.heads import mlp
+from drcl.model.host import to_device
 from drcl.model.lcl import lcl_loss, select_boxes
 from drcl.model.memory import KeyQueue, momentum_update
 from drcl.model.sr import sr_loss
@@ -153,9 +154,12 @@ class DRCL(nn.Module):
         x = (torch.cat([images1, images2]) - self.mean) / self.std
         # random draws come first and do not depend on the switches, so turning one term off
         # leaves the others' values unchanged
+        # boxes are chosen on the host (where the training loop keeps the targets) and cross to
+        # the device in a few queued copies: nothing in a step waits for the device to learn a size
         weights = category_weights if cfg.drb else None
         boxes1, boxes2, labels, object_ids = select_boxes(targets1, targets2, cfg.boxes_per_image, weights, generator)
-        image_ids = torch.tensor([int(t.get("image_id", -1)) for t in targets1], dtype=torch.long, device=x.device)
+        labels, object_ids = to_device(labels, x.device), to_device(object_ids, x.device)
+        image_ids = to_device(torch.tensor([int(t.get("image_id", -1)) for t in targets1], dtype=torch.long), x.device)
         mask = patch_mask(2 * b, *size, cfg.mask_patch, cfg.mask_ratio, generator, x.device)
         boxes = (boxes1 + boxes2) if self.needs_boxes else None
         n_boxes = labels.shape[0]
@@ -202,7 +206,7 @@ class DRCL(nn.Module):
         for t, (keys, key_labels, key_ids) in new_keys.items():
             queue = getattr(self, f"{t}_queue")
             queue.enqueue(keys, key_labels, key_ids)
-            diag[f"{t}_queue_fill"] = float(queue.filled) / queue.size
+            diag[f"{t}_queue_fill"] = queue.fill / queue.size
         return {**losses, **diag}
 
 

@@ -40,14 +40,16 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, t
     log_prob = F.log_softmax(logits, dim=1)
     n_pos = pos.sum(1)
     rows = n_pos > 0
-    per_row = -torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1)[rows] / n_pos[rows]
-    loss = per_row.mean() if rows.any() else sim.sum() * 0.0
+    # means over the rows with a positive by masks, not by selecting them: selecting would make the
+    # host wait for the device to learn how many there are (and a step does this 4 times)
+    per_row = -torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1) / n_pos.clamp(min=1)
+    loss = _masked_mean(per_row, rows)
     with torch.no_grad():
         neg = contrasted & ~pos
         stats = {
             "pos_sim": _masked_mean(sim, pos),
             "neg_sim": _masked_mean(sim, neg),
-            "chance": torch.log(contrasted.sum(1)[rows].to(sim.dtype)).mean() if rows.any() else sim.new_zeros(()),
+            "chance": _masked_mean(torch.log(contrasted.sum(1).clamp(min=1).to(sim.dtype)), rows),
         }
         if n_batch is not None:
             stats["batch_neg_sim"] = _masked_mean(sim[:, :n_batch], neg[:, :n_batch])

@@ -34,36 +34,39 @@ def select_boxes(targets1, targets2, k: int, category_weights: torch.Tensor | No
     optionally ``ann_ids`` and ``image_id``); ``category_weights`` (C,) are per-category
     weights (repeat factors), or None for uniform; boxes with label 0 (proposals, random
     boxes) weigh 1. Returns (boxes1 list, boxes2 list, labels (sum K,), object ids (sum K,),
-    -1 where the image id or annotation ids are unknown).
+    -1 where the image id or annotation ids are unknown), all on the host.
+
+    Everything here is host work: the training loop keeps the targets on the host, so nothing
+    waits for the device (targets on a GPU are copied over once per kind of tensor).
     """
-    boxes1, boxes2, labels, ids = [], [], [], []
-    # the draws are made on the CPU from one copy of the batch's labels and of the weights, and the
-    # chosen indices go back in one copy (on CUDA every copy waits for the GPU: 3 per image before)
     pairs = list(zip(targets1, targets2))
+    if not pairs:
+        empty = torch.zeros(0, dtype=torch.long)
+        return [], [], empty, empty
     counts = [len(t1["labels"]) for t1, _ in pairs]
-    host_labels = torch.cat([t1["labels"] for t1, _ in pairs]).cpu().split(counts) if pairs else []
+
+    def host(key, targets):
+        return torch.cat([t[key] for t in targets]).cpu().split(counts)
+
+    labels_all, boxes1_all, boxes2_all = host("labels", targets1), host("boxes", targets1), host("boxes", targets2)
+    ann_ids_all = host("ann_ids", targets1) if all("ann_ids" in t for t in targets1) else [None] * len(pairs)
     host_weights = category_weights.to(torch.float64).cpu() if category_weights is not None else None
-    chosen = []
-    for lab_cpu in host_labels:
-        w = torch.ones(len(lab_cpu), dtype=torch.float64)
-        known = lab_cpu > 0  # label 0: proposal or random box, category unknown
+    boxes1, boxes2, labels, ids = [], [], [], []
+    for t1, lab, b1, b2, ann_ids in zip(targets1, labels_all, boxes1_all, boxes2_all, ann_ids_all):
+        w = torch.ones(len(lab), dtype=torch.float64)
+        known = lab > 0  # label 0: proposal or random box, category unknown
         if host_weights is not None:
-            w[known] = host_weights[lab_cpu[known] - 1]
-        chosen.append(choose_boxes(w, k, generator))
-    if pairs:
-        chosen = torch.cat(chosen).to(pairs[0][0]["labels"].device).split([len(c) for c in chosen])
-    for (t1, t2), idx in zip(pairs, chosen):
-        lab = t1["labels"]
-        boxes1.append(t1["boxes"][idx])
-        boxes2.append(t2["boxes"][idx])
+            w[known] = host_weights[lab[known] - 1]
+        idx = choose_boxes(w, k, generator)
+        boxes1.append(b1[idx])
+        boxes2.append(b2[idx])
         labels.append(lab[idx])
         image_id = int(t1.get("image_id", -1))
-        if image_id >= 0 and "ann_ids" in t1:
-            ids.append(image_id * OBJECT_STRIDE + t1["ann_ids"][idx].to(torch.int64))
+        if image_id >= 0 and ann_ids is not None:
+            ids.append(image_id * OBJECT_STRIDE + ann_ids[idx].to(torch.int64))
         else:
-            ids.append(torch.full((len(idx),), -1, dtype=torch.int64, device=lab.device))
-    empty = torch.zeros(0, dtype=torch.long)
-    return boxes1, boxes2, torch.cat(labels) if labels else empty, torch.cat(ids) if ids else empty
+            ids.append(torch.full((len(idx),), -1, dtype=torch.int64))
+    return boxes1, boxes2, torch.cat(labels), torch.cat(ids)
 
 
 def lcl_loss(q1, q2, k1, k2, labels, queue_keys, queue_labels, temperature: float = 0.2, supervised: bool = False,

@@ -25,8 +25,10 @@ def momentum_at(progress: float, base: float = 0.99) -> float:
 def momentum_update(online: nn.Module, momentum: nn.Module, m: float) -> None:
     """EMA of the online parameters into the momentum copy (buffers such as BN running
     statistics are the momentum encoder's own, as in MoCo)."""
-    for p_o, p_m in zip(online.parameters(), momentum.parameters()):
-        p_m.mul_(m).add_(p_o.detach(), alpha=1.0 - m)
+    online_params = [p.detach() for p in online.parameters()]
+    momentum_params = list(momentum.parameters())
+    torch._foreach_mul_(momentum_params, m)  # one kernel per group of tensors, not two per tensor
+    torch._foreach_add_(momentum_params, online_params, alpha=1.0 - m)
 
 
 @torch.no_grad()
@@ -58,6 +60,24 @@ class KeyQueue(nn.Module):
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        # ptr and filled as Python ints: the buffers are saved with the model, these are what
+        # a step reads (reading a buffer on a GPU makes the host wait for it); None after
+        # loading a state, until first read
+        self._host: tuple[int, int] | None = (0, 0)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host = None
+
+    def _counters(self) -> tuple[int, int]:
+        if self._host is None:
+            self._host = (int(self.ptr), int(self.filled))
+        return self._host
+
+    @property
+    def fill(self) -> int:
+        """How many keys the queue holds."""
+        return self._counters()[1]
 
     @property
     def size(self) -> int:
@@ -65,7 +85,7 @@ class KeyQueue(nn.Module):
 
     def valid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, labels, ids) of the filled part."""
-        n = int(self.filled)
+        n = self.fill
         return self.keys[:n], self.labels[:n], self.ids[:n]
 
     @torch.no_grad()
@@ -77,9 +97,11 @@ class KeyQueue(nn.Module):
         keys, labels, ids = gather(keys.detach()), gather(labels), gather(ids)
         keys, labels, ids = keys[-self.size :], labels[-self.size :], ids[-self.size :]
         n = keys.shape[0]
-        idx = (int(self.ptr) + torch.arange(n, device=keys.device)) % self.size
+        ptr, filled = self._counters()
+        idx = (ptr + torch.arange(n, device=keys.device)) % self.size
         self.keys[idx] = keys.to(self.keys.dtype)
         self.labels[idx] = labels
         self.ids[idx] = ids
-        self.ptr.fill_((int(self.ptr) + n) % self.size)
-        self.filled.fill_(min(int(self.filled) + n, self.size))
+        self._host = ((ptr + n) % self.size, min(filled + n, self.size))
+        self.ptr.fill_(self._host[0])
+        self.filled.fill_(self._host[1])
