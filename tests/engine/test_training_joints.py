@@ -177,3 +177,16 @@ def test_logged_health_values(run):
     # the summary's window is the mean of the last WINDOW logged rows
     for key in ("hcl", "hcl_batch_gap", "lcl_gap", "grad_norm", "box_cos", "sr_grad_share"):
         assert health["window"][key] == pytest.approx(np.mean([r[key] for r in rows[-WINDOW:]]), rel=1e-9), key
+
+
+def test_finetune_flops_per_iter_is_one_step_counted_independently(small_data, tmp_path, first_steps, monkeypatch):
+    """The same for fine-tuning: the Faster R-CNN's forward (RPN and RoI heads, losses) and
+    backward on the first step's batch, counted here from a copy of the detector and the
+    global RNG state the step saw (the RoI sampler draws from it)."""
+    from drcl.finetune import finetune
+
+    cfg = load_config("tiny_finetune", _args(small_data) + ["train.max_iters=1", "sampler.mode=rfs"])
+    spy = first_steps(monkeypatch)
+    summary = finetune(cfg, tmp_path / "ft", evaluate=False)
+    (first,) = spy.first("FasterRCNN")
+    assert summary["flops_per_iter"] == spy.flops(first)
