@@ -130,11 +130,11 @@ def test_grad_shares_are_over_the_online_encoder_only():
     from drcl.model.drcl import DRCL, DRCLConfig
 
     torch.manual_seed(0)
-    model = DRCL(DRCLConfig(norm="gn", hcl=False, lcl_queue=16, w_ar=100.0))
+    model = DRCL(DRCLConfig(norm="gn", hcl=False, sr=False, lcl_queue=16, w_ar=100.0))
     with torch.no_grad():
         model.decoder.body[3].weight.mul_(0.01)
     out = model(*_drcl_batch(), generator=torch.Generator().manual_seed(0))
-    terms = ["lcl", "ar", "sr"]
+    terms = ["lcl", "ar"]
     shares = Health(model, None, every=1, warmup=0, max_iters=1).grad_shares(out, terms)
     encoder = list(model.online.encoder.parameters())
     energy, energy_all = {}, {}
@@ -146,7 +146,7 @@ def test_grad_shares_are_over_the_online_encoder_only():
     for t in terms:
         assert shares[f"{t}_grad_share"] == pytest.approx(energy[t] / sum(energy.values()), rel=1e-4, abs=1e-7), t
     # the case tells the two apart: AR's share is tiny on the encoder, large over every parameter
-    assert shares["ar_grad_share"] < 0.1 and energy_all["ar"] / sum(energy_all.values()) > 0.5
+    assert shares["ar_grad_share"] < 0.2 and energy_all["ar"] / sum(energy_all.values()) > 0.8
 
 
 def _orthogonal_to(queries: torch.Tensor, n: int, seed: int) -> torch.Tensor:
