@@ -69,3 +69,79 @@ def tiny_args(small_data):
 @pytest.fixture
 def tiny_cfg(tiny_args):
     return load_config("configs/tiny.yaml", tiny_args)
+
+
+class FirstSteps:
+    """Spies on the training steps of 2DRCL (``DRCL.forward``) and of torchvision detectors
+    (``GeneralizedRCNN.forward`` in training mode), for tests that check what the training loop
+    hands a model and what it counts.
+
+    ``calls``: one dict per call, in order: ``model`` (the instance), ``weights`` (a copy of
+    the category weights, DRCL only) and ``image_ids`` (DRCL only). For the first ``keep``
+    calls of each instance the dict also holds ``copy``: a deep copy of the model, its inputs
+    and the generator / global RNG states at the call, from which :meth:`flops` and
+    :meth:`rerun` redo that step independently of the training loop."""
+
+    def __init__(self, mp, keep: int = 1):
+        from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+        from drcl.model.drcl import DRCL
+
+        self.calls, self.keep, self._count = [], keep, {}
+        for cls in (DRCL, GeneralizedRCNN):
+            mp.setattr(cls, "forward", self._wrap(cls.forward))
+
+    def _wrap(self, forward):
+        def spy(model, *args, **kwargs):
+            if not model.training:
+                return forward(model, *args, **kwargs)
+            call = {"model": model}
+            if "generator" in kwargs or len(args) > 4:  # DRCL(images1, images2, targets1, targets2, weights, generator)
+                args = list(args) + [kwargs.pop(k) for k in ("category_weights", "generator") if k in kwargs]
+                call["weights"] = None if args[4] is None else args[4].detach().clone()
+                call["image_ids"] = [int(t["image_id"]) for t in args[2] if "image_id" in t]
+            n = self._count[id(model)] = self._count.get(id(model), 0) + 1
+            if n <= self.keep:
+                gen = args[5] if len(args) > 5 else None
+                call["copy"] = {"model": copy.deepcopy(model), "rng": torch.get_rng_state(),
+                                "args": copy.deepcopy([a for a in args[:5]]),
+                                "gen": None if gen is None else gen.get_state()}
+            self.calls.append(call)
+            return forward(model, *args, **kwargs)
+
+        return spy
+
+    def first(self, kind: str) -> list[dict]:
+        """The kept calls of models of ``kind`` ("DRCL" or a detector class name), in order."""
+        return [c for c in self.calls if "copy" in c and type(c["model"]).__name__ == kind]
+
+    @staticmethod
+    def rerun(call: dict):
+        """(model copy, result) of the recorded step done again on a copy."""
+        saved = call["copy"]
+        model = copy.deepcopy(saved["model"])
+        args = copy.deepcopy(saved["args"])
+        if saved["gen"] is not None:
+            args.append(torch.Generator().set_state(saved["gen"]))
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(saved["rng"])
+            out = model(*args)
+        return model, out
+
+    @classmethod
+    def flops(cls, call: dict) -> int:
+        """FLOPs of the recorded step, counted here: one forward of the model (for 2DRCL both
+        views and the momentum pass) and the backward of its training loss, in one counter."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            _, out = cls.rerun(call)
+            loss = out["loss"] if "loss" in out else sum(out.values())
+            loss.backward()
+        return counter.get_total_flops()
+
+
+@pytest.fixture(scope="session")
+def first_steps():
+    """The :class:`FirstSteps` class (use it with a ``pytest.MonkeyPatch``)."""
+    return FirstSteps

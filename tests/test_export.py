@@ -5,9 +5,11 @@ round trip through the one key table and against key names / shapes of their R50
 models written out by hand from their model definitions (see docs/export.md).
 """
 
+import json
 import os
 import pickle
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,3 +299,96 @@ def test_cli_detectron2_needs_a_pkl_name_and_says_so_in_one_line(tmp_path, tiny_
     assert main(["export", str(ckpt), "--format", "detectron2", "--out", str(tmp_path / "w.pkl")]) == 0
     with open(tmp_path / "w.pkl", "rb") as f:
         _assert_same(import_weights(pickle.load(f), "detectron2"), _weights(tiny_bn[1]))
+
+
+# --- the frameworks' own layouts, written down independently of KEY_MAP (tests/fixtures/README.md) ---
+
+FIXTURES = Path(__file__).parent / "fixtures"
+LAYOUTS = {  # fixture, and the part of it export writes: backbone, FPN and box head (docs/export.md)
+    "detectron2": ("detectron2_faster_rcnn_R_50_FPN.json", ("backbone.", "roi_heads.box_head.")),
+    "mmdet": ("mmdet_faster_rcnn_r50_fpn.json", ("backbone.", "neck.", "roi_head.bbox_head.shared_fcs.")),
+}
+NOT_PRETRAINED = ("proposal_generator.", "roi_heads.box_predictor.", "rpn_head.", "roi_head.bbox_head.fc_")
+
+
+def _layout(fmt):
+    data = json.loads((FIXTURES / LAYOUTS[fmt][0]).read_text())
+    assert data["framework"] == fmt
+    return {k: tuple(v) for k, v in data["parameters"].items()}
+
+
+@pytest.mark.parametrize("fmt", ["detectron2", "mmdet"])
+def test_export_writes_exactly_the_frameworks_r50_fpn_encoder(r50_bn, fmt):
+    """Set-equal, with shapes, to the backbone / FPN / box-head part of the framework's own
+    Faster R-CNN R50-FPN state dict; the rest of it is RPN, box predictor and BN step counters."""
+    layout = _layout(fmt)
+    expected = {k: s for k, s in layout.items()
+                if k.startswith(LAYOUTS[fmt][1]) and not k.endswith(".num_batches_tracked")}
+    exported = {k: tuple(v.shape) for k, v in export_weights(r50_bn[1], fmt).items()}
+    assert sorted(set(expected) - set(exported)) == []  # every encoder tensor of the framework is written
+    assert sorted(set(exported) - set(expected)) == []  # and nothing it does not have
+    assert {k: s for k, s in exported.items() if s != expected[k]} == {}
+    assert all(k.startswith(NOT_PRETRAINED) or k.endswith(".num_batches_tracked") for k in set(layout) - set(expected))
+
+
+def _torchvision_to(fmt: str, key: str) -> str:
+    """The framework's name of a torchvision detector tensor, from the frameworks' naming
+    (not from drcl.export): ResNet stages layer1..4 are detectron2's res2..5; FPN input i is
+    C(i+2); the box head's fc6 / fc7 are detectron2's fc1 / fc2 and mmdet's shared_fcs.0 / .1."""
+    parts = key.split(".")
+    p = parts[-1]
+    if parts[:2] == ["backbone", "body"]:
+        if parts[2] in ("conv1", "bn1"):  # the stem
+            if fmt == "detectron2":
+                return "backbone.bottom_up.stem.conv1." + ("norm." if parts[2] == "bn1" else "") + p
+            return f"backbone.{parts[2]}.{p}"
+        layer, block, module = int(parts[2][len("layer"):]), parts[3], parts[4]
+        if fmt == "mmdet":  # same names as torchvision's ResNet below the stem
+            return f"backbone.layer{layer}.{block}." + ".".join(parts[4:])
+        prefix = f"backbone.bottom_up.res{layer + 1}.{block}."
+        if module == "downsample":
+            return prefix + ("shortcut." if parts[5] == "0" else "shortcut.norm.") + p
+        if module.startswith("bn"):
+            return prefix + f"conv{module[2:]}.norm.{p}"
+        return prefix + f"{module}.{p}"
+    if parts[:2] == ["backbone", "fpn"]:
+        i, lateral = int(parts[3]), parts[2] == "inner_blocks"
+        if fmt == "detectron2":
+            return f"backbone.fpn_{'lateral' if lateral else 'output'}{i + 2}.{p}"
+        return f"neck.{'lateral_convs' if lateral else 'fpn_convs'}.{i}.conv.{p}"
+    fc = {"fc6": 0, "fc7": 1}[parts[2]]
+    return f"roi_heads.box_head.fc{fc + 1}.{p}" if fmt == "detectron2" else f"roi_head.bbox_head.shared_fcs.{fc}.{p}"
+
+
+@pytest.mark.parametrize("fmt", ["detectron2", "mmdet"])
+def test_init_from_a_hand_written_framework_checkpoint(fmt, tmp_path):
+    """``--init`` (drcl.weights.init_model) on a whole-detector checkpoint written here in the
+    framework's container from the fixture's names and shapes, every tensor random: each
+    backbone / FPN / box-head tensor of the torchvision detector ends up equal to the file's
+    tensor of the same module, and the RPN and box predictor are reported as not used."""
+    from drcl.weights import init_model
+
+    layout = _layout(fmt)
+    g = torch.Generator().manual_seed(0)
+    weights = {k: torch.randn(s, generator=g) if s else torch.tensor(100) for k, s in layout.items()}
+    if fmt == "detectron2":
+        path = tmp_path / "model_final.pkl"
+        with open(path, "wb") as f:
+            pickle.dump({"model": {k: v.numpy() for k, v in weights.items()}, "__author__": "Detectron2 Model Zoo"}, f)
+    else:
+        path = tmp_path / "faster_rcnn_r50_fpn_1x_coco.pth"
+        torch.save({"meta": {"mmdet_version": "3.3.0"}, "state_dict": weights}, path)
+    detector = build_detector("r50-fpn", num_classes=81, norm="frozen_bn")
+    report = init_model(detector, path, "r50-fpn", "frozen_bn")
+    assert report["layout"] == fmt
+    state = detector.state_dict()
+    encoder = [k for k in state if k.startswith(("backbone.body.", "backbone.fpn.", "roi_heads.box_head."))]
+    used = set()
+    for k in encoder:
+        source = _torchvision_to(fmt, k)
+        assert torch.equal(state[k], torch.as_tensor(weights[source])), (k, source)
+        used.add(source)
+    assert set(report["loaded"]) == set(encoder)
+    assert set(report["ignored"]) == {k for k in layout if k not in used and not k.endswith(".num_batches_tracked")}
+    assert all(k.startswith(NOT_PRETRAINED) for k in report["ignored"])
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in report["new"]} == {"rpn.head", "roi_heads.box_predictor"}

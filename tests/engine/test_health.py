@@ -1,5 +1,7 @@
 """Training-health signals against NumPy references, and the warnings they raise."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -107,3 +109,116 @@ def test_grad_shares_are_the_weighted_gradient_energy_fractions():
         assert shares["hcl_grad_share"] + shares["lcl_grad_share"] == pytest.approx(1.0)
         ratios.append(shares["hcl_grad_share"] / shares["lcl_grad_share"])
     assert ratios[1] == pytest.approx(4 * ratios[0], rel=1e-4)
+
+
+def _drcl_batch(s=64):
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(2, 3, 4, 4, generator=g)
+    images = torch.nn.functional.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)
+    boxes = torch.tensor([[4.0, 4, 30, 28], [20, 24, 60, 60], [34, 2, 62, 30]])
+    flipped = torch.stack([s - boxes[:, 2], boxes[:, 1], s - boxes[:, 0], boxes[:, 3]], 1)
+    t1 = [{"boxes": boxes, "labels": torch.tensor([1, 2, 3])} for _ in range(2)]
+    t2 = [{"boxes": flipped, "labels": torch.tensor([1, 2, 3])} for _ in range(2)]
+    return images, images.flip(-1), t1, t2
+
+
+def test_grad_shares_are_over_the_online_encoder_only():
+    """Each term's share against its gradient on the online encoder's parameters, taken by a
+    separate backward per term. The AR decoder's output layer is scaled down 100x and w_ar up
+    100x: AR then sends little into the encoder while the decoder's own gradient is the largest
+    of all, so shares over every parameter (heads and decoder included) would be another answer."""
+    from drcl.model.drcl import DRCL, DRCLConfig
+
+    torch.manual_seed(0)
+    model = DRCL(DRCLConfig(norm="gn", hcl=False, sr=False, lcl_queue=16, w_ar=100.0))
+    with torch.no_grad():
+        model.decoder.body[3].weight.mul_(0.01)
+    out = model(*_drcl_batch(), generator=torch.Generator().manual_seed(0))
+    terms = ["lcl", "ar"]
+    shares = Health(model, None, every=1, warmup=0, max_iters=1).grad_shares(out, terms)
+    encoder = list(model.online.encoder.parameters())
+    energy, energy_all = {}, {}
+    for t in terms:
+        model.zero_grad(set_to_none=True)
+        (getattr(model.cfg, f"w_{t}") * out[t]).backward(retain_graph=True)
+        energy[t] = sum(float((p.grad.double() ** 2).sum()) for p in encoder if p.grad is not None)
+        energy_all[t] = sum(float((p.grad.double() ** 2).sum()) for p in model.parameters() if p.grad is not None)
+    for t in terms:
+        assert shares[f"{t}_grad_share"] == pytest.approx(energy[t] / sum(energy.values()), rel=1e-4, abs=1e-7), t
+    # the case tells the two apart: AR's share is tiny on the encoder, large over every parameter
+    assert shares["ar_grad_share"] < 0.2 and energy_all["ar"] / sum(energy_all.values()) > 0.8
+
+
+def _orthogonal_to(queries: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n unit vectors orthogonal to every row of ``queries``."""
+    basis, _ = torch.linalg.qr(queries.t().double())
+    r = torch.randn(n, queries.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    r = r - (r @ basis) @ basis.t()
+    return torch.nn.functional.normalize(r, dim=1).float()
+
+
+def test_batch_gap_leaves_out_queue_negatives():
+    """With both queues full of keys orthogonal to every query (cosine 0), the in-batch gap is
+    the positives' mean cosine minus the mean over this step's other keys only, by hand from
+    the encoders; the gap with the queue is pulled towards the positives' cosine alone."""
+    from drcl.model.drcl import DRCL, DRCLConfig
+
+    torch.manual_seed(0)
+    model = DRCL(DRCLConfig(norm="gn", hcl_queue=8, lcl_queue=16, ar=False, sr=False, supervised=False))
+    images1, images2, t1, t2 = _drcl_batch()
+    x = (torch.cat([images1, images2]) - model.mean) / model.std
+    boxes = [t["boxes"] for t in t1 + t2]  # all 3 boxes of each image are chosen (K = 8)
+    with torch.no_grad():
+        on, mom = model.online.encoder(x, boxes), model.momentum.encoder(x, boxes)
+        by_term = {"hcl": (model.hcl_predictor(model.online.hcl_projector(on["c5"])),
+                           model.momentum.hcl_projector(mom["c5"])),
+                   "lcl": (model.lcl_predictor(model.online.lcl_projector(on["roi"])),
+                           model.momentum.lcl_projector(mom["roi"]))}
+    for i, t in enumerate(("hcl", "lcl")):
+        q = torch.nn.functional.normalize(by_term[t][0], dim=1)
+        queue = getattr(model, f"{t}_queue")
+        queue.enqueue(_orthogonal_to(q, queue.size, seed=i))
+        assert (q @ queue.valid()[0].t()).abs().max() < 1e-5
+    out = model(images1, images2, t1, t2, generator=torch.Generator().manual_seed(0))
+    for t, (q, k) in by_term.items():
+        q, k = torch.nn.functional.normalize(q, dim=1).double(), torch.nn.functional.normalize(k, dim=1).double()
+        n = q.shape[0] // 2
+        size = getattr(model, f"{t}_queue").size
+        pos, batch_neg, neg = [], [], []
+        for qv, kv in ((q[:n], k[n:]), (q[n:], k[:n])):  # each view's queries against the other's keys
+            sim = qv @ kv.t()
+            off = sim[~torch.eye(n, dtype=torch.bool)]
+            pos.append(sim.diagonal().mean())
+            batch_neg.append(off.mean())
+            neg.append(off.sum() / (off.numel() + n * size))  # the queue's n x size cosines are 0
+        pos, batch_neg, neg = (float(sum(v)) / 2 for v in (pos, batch_neg, neg))
+        assert out[f"{t}_batch_gap"] == pytest.approx(pos - batch_neg, abs=1e-5), t
+        assert out[f"{t}_gap"] == pytest.approx(pos - neg, abs=1e-5), t
+        assert abs(batch_neg - neg) > 1e-3, t  # the queue moves the plain gap: the two are told apart
+        assert out[f"{t}_chance"] == pytest.approx(math.log(n + size), rel=1e-6), t
+
+
+def test_fixed_batch_rescales_boxes_of_a_non_square_image():
+    """A 120 x 80 image with a white rectangle exactly under its box: resized to 64 x 64 the
+    box scales by 64/120 in x and 64/80 in y and still frames the rectangle."""
+    from drcl.engine.health import fixed_batch
+
+    def item(h, w, box):
+        image = torch.zeros(3, h, w, dtype=torch.uint8)
+        x0, y0, x1, y1 = box
+        image[:, y0:y1, x0:x1] = 255
+        return image, {"boxes": torch.tensor([box], dtype=torch.float32)}
+
+    empty = (torch.zeros(3, 50, 50, dtype=torch.uint8), {"boxes": torch.zeros(0, 4)})
+    dataset = [empty, item(80, 120, (30, 20, 90, 60)), item(40, 96, (12, 10, 60, 30))]
+    images, boxes = fixed_batch(dataset, 64)
+    assert images.shape == (2, 3, 64, 64) and len(boxes) == 2  # the image without boxes is left out
+    torch.testing.assert_close(boxes[0], torch.tensor([[16.0, 16.0, 48.0, 48.0]]))
+    torch.testing.assert_close(boxes[1], torch.tensor([[8.0, 16.0, 40.0, 48.0]]))
+    for image, b in zip(images, boxes):
+        x0, y0, x1, y1 = (int(v) for v in b[0])
+        inside = image[:, y0 + 2:y1 - 2, x0 + 2:x1 - 2]
+        assert inside.min() > 0.99  # the white rectangle fills the rescaled box ...
+        outside = image.clone()
+        outside[:, max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = 0
+        assert outside.max() < 0.01  # ... and nothing outside it

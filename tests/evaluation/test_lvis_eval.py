@@ -331,9 +331,26 @@ def test_federated_rules(tmp_path):
     # of a not-exhaustive category: ignored
     not_exhaustive = evaluate_detections(gt, hits + [_det(3, [0, 0, 20, 20], 0.9)])
     assert not_exhaustive["AP"] == pytest.approx(1.0)
-    # of a negative category: counted (no ground truth, so APc stays undefined and AP unchanged)
+    # of a negative category with no ground truth anywhere: APc stays undefined
     negative = evaluate_detections(gt, hits + [_det(2, [0, 0, 20, 20], 0.9)])
     assert negative["APc"] == -1
+    # of a negative category that has ground truth on another image: a false positive ranked
+    # above that category's one true positive, so its AP is precision 1/2 at every recall
+    data = json.loads(gt.read_text())
+    data["images"].append({"id": 2, "width": 100, "height": 100, "file_name": "b.jpg",
+                           "neg_category_ids": [], "not_exhaustive_category_ids": []})
+    data["annotations"].append({"id": 2, "image_id": 2, "category_id": 2, "bbox": [20, 20, 40, 40], "area": 1600})
+    gt2 = tmp_path / "gt_elsewhere.json"
+    gt2.write_text(json.dumps(data))
+    found = hits + [{"image_id": 2, "category_id": 2, "bbox": [20, 20, 40, 40], "score": 0.5}]
+    assert evaluate_detections(gt2, found)["APc"] == pytest.approx(1.0)
+    negative = evaluate_detections(gt2, found + [_det(2, [0, 0, 20, 20], 0.9)])
+    assert negative["APc"] == pytest.approx(0.5)
+    assert negative["APf"] == pytest.approx(1.0) and negative["APr"] == pytest.approx(1.0)
+    # the same detection on an image that does not list category 2 as negative: unverified, dropped
+    data["images"][0]["neg_category_ids"] = []
+    gt2.write_text(json.dumps(data))
+    assert evaluate_detections(gt2, found + [_det(2, [0, 0, 20, 20], 0.9)])["APc"] == pytest.approx(1.0)
     # of an annotated, exhaustive category: a false positive ranked first
     annotated = evaluate_detections(gt, hits + [_det(1, [0, 60, 20, 20], 0.9)])
     assert annotated["APf"] < 0.6

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -149,37 +150,70 @@ def test_select_categories(tmp_path):
 
 @pytest.fixture
 def vis_files(small_data, tmp_path):
-    """(gt, detections, images) on the generated set: every val box detected as its own
-    category, except one rare box that is detected as another category."""
+    """(gt, detections, images, confused box, its detection's category, missed box) on the
+    generated set: every val box detected as its own category, except one rare box that is
+    detected as another category and one rare box, alone on its image, that no detection finds."""
     gt = small_data / "annotations" / "val.json"
     data = json.loads(gt.read_text())
     rare = {c["id"] for c in data["categories"] if c["frequency"] == "r"}
     planted = next(a for a in data["annotations"] if a["category_id"] in rare)
+    per_image = Counter(a["image_id"] for a in data["annotations"])
+    missed = next(a for a in data["annotations"] if a["category_id"] in rare and per_image[a["image_id"]] == 1
+                  and a["category_id"] != planted["category_id"])
     other = next(c["id"] for c in data["categories"] if c["frequency"] == "c")
     dets = [_det(a["image_id"], other if a is planted else a["category_id"], a["bbox"], 0.8)
-            for a in data["annotations"]]
+            for a in data["annotations"] if a is not missed]
     path = tmp_path / "dets.json"
     path.write_text(json.dumps(dets))
-    return gt, path, small_data / "images" / "val", planted, other
+    return gt, path, small_data / "images" / "val", planted, other, missed
 
 
 def test_visualize_end_to_end(vis_files, tmp_path, capsys):
-    gt, dets, images, planted, other = vis_files
+    gt, dets, images, planted, other, missed = vis_files
     out = tmp_path / "vis"
     assert main(["visualize", "--gt", str(gt), "--detections", str(dets), "--images", str(images),
-                 "--out", str(out), "--max-images", "3"]) == 0
+                 "--out", str(out), "--max-images", "8"]) == 0
     printed = capsys.readouterr().out
-    assert "confused 1" in printed and "-> " in printed
+    assert "confused 1" in printed and "missed 1" in printed and "-> " in printed
     drawn = sorted(out.glob("images/*.png"))
-    assert len(drawn) == 3
+    data = json.loads(gt.read_text())
+    rare_ids = {c["id"] for c in data["categories"] if c["frequency"] == "r"}
+    assert {p.stem for p in drawn} == {str(a["image_id"]) for a in data["annotations"] if a["category_id"] in rare_ids}
     for path in drawn + [out / "gallery.png", out / "confusion.png"]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the drawn image is the val image scaled up to 480 px, with green (ground truth) pixels on it
-    from PIL import Image
+    from PIL import Image, ImageDraw, ImageFont
 
-    pixels = np.asarray(Image.open(drawn[0]))
+    # the missed box's image, scaled up to 480 px: detected boxes are blue, the missed ground truth
+    # green (its 2-px frame at the scaled box), named by a green label inside its top-left corner
+    pixels = np.asarray(Image.open(out / "images" / f"{missed['image_id']}.png"))
     assert pixels.shape == (480, 480, 3)
-    assert (pixels == np.array(MATCH_COLOR, dtype=np.uint8)).all(axis=2).sum() > 100
+    scale = 480 / 64
+    x, y, w, h = missed["bbox"]
+    x0, y0, x1, y1 = int(x * scale), int(y * scale), int(x * scale + w * scale), int(y * scale + h * scale)
+    name = next(c["name"] for c in data["categories"] if c["id"] == missed["category_id"])
+    font = ImageFont.load_default()
+    canvas = Image.new("RGB", (480, 480))
+    pen = ImageDraw.Draw(canvas)
+    left, top, right, bottom = pen.textbbox((x0 + 3, y0 + 3), name, font=font)
+    pen.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=GT_COLOR)
+    pen.text((x0 + 3, y0 + 3), name, fill="black", font=font)
+    box = (slice(top - 1, bottom + 2), slice(left - 1, right + 2))
+    expected = np.asarray(canvas)[box]
+    green = (pixels == np.array(GT_COLOR, dtype=np.uint8)).all(axis=2)
+    frame = np.zeros_like(green)
+    frame[y0:y1 + 1, x0:x1 + 1] = True
+    frame[y0 + 2:y1 - 1, x0 + 2:x1 - 1] = False
+    frame[box] = False  # the label may run over the frame
+    assert frame.sum() > 400 and green[frame].all()
+    assert not (pixels == np.array(MATCH_COLOR, dtype=np.uint8)).all(axis=2).any()  # nothing found it
+    assert (expected != np.array(GT_COLOR)).any(axis=2).sum() > 10  # the text has ink
+    np.testing.assert_array_equal(pixels[box], expected)
+    # an image whose boxes were all found: blue frames, no green pixel left uncovered
+    found_image = next(a["image_id"] for a in data["annotations"]
+                       if per_image_all_found(data, a["image_id"], planted, missed))
+    found_pixels = np.asarray(Image.open(out / "images" / f"{found_image}.png"))
+    assert (found_pixels == np.array(MATCH_COLOR, dtype=np.uint8)).all(axis=2).sum() > 100
+    assert not (found_pixels == np.array(GT_COLOR, dtype=np.uint8)).all(axis=2).any()
 
     ann = load_annotations(gt)
     rare = [c for c in ann.categories if c["frequency"] == "r"]
@@ -191,8 +225,16 @@ def test_visualize_end_to_end(vis_files, tmp_path, capsys):
         (planted["category_id"], other, 1)]
     found = {int(r["gt_id"]): int(r["count"]) for r in table if r["outcome"] == "found"}
     boxes = {int(r["gt_id"]): int(r["gt_boxes"]) for r in table}
-    assert all(found[c] == boxes[c] - (c == planted["category_id"]) for c in found)
-    assert all(int(r["count"]) == 0 for r in table if r["outcome"] == "missed")
+    assert all(found[c] == boxes[c] - (c == planted["category_id"]) - (c == missed["category_id"]) for c in found)
+    missing = {int(r["gt_id"]): int(r["count"]) for r in table if r["outcome"] == "missed"}
+    assert missing == {c: int(c == missed["category_id"]) for c in boxes}
+
+
+def per_image_all_found(data, image_id, *planted):
+    """True when ``image_id`` holds a rare box and none of the planted (confused / missed) ones."""
+    rare = {c["id"] for c in data["categories"] if c["frequency"] == "r"}
+    anns = [a for a in data["annotations"] if a["image_id"] == image_id]
+    return any(a["category_id"] in rare for a in anns) and not any(a["id"] == p["id"] for a in anns for p in planted)
 
 
 def test_visualize_bad_detection_is_one_line(vis_files, tmp_path, capsys):

@@ -263,3 +263,57 @@ def test_a_step_never_waits_for_the_device_outside_the_host_side_work():
         assert 0 < queue.fill == int(queue.filled) and int(queue.ptr) == queue._counters()[0]
         if added is not None:
             assert queue.fill == min(added, queue.size) and int(queue.ptr) == added % queue.size
+
+
+def test_online_sees_the_masked_views_and_the_targets_are_clean(monkeypatch):
+    """AR regresses the clean views' normalised pixels from the online encoder's stride-4 FPN
+    level of the masked views, scored on the hidden pixels; SR's targets are the momentum
+    encoder's FPN features and box embeddings of the clean views, its predictions the online
+    encoder's of the masked views. Computed here by hand from the mask and boxes the step drew
+    (recorded by spies, not recomputed through forward)."""
+    import drcl.model.drcl as module
+
+    model = _model(norm="gn", lcl=False, hcl=False)
+    with torch.no_grad():  # an online encoder that differs from the momentum one, so the two cannot be swapped unseen
+        for p in model.online.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    seen = {}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            seen[name] = (args, out)
+            return out
+        monkeypatch.setattr(module, name, wrapped)
+
+    for name in ("patch_mask", "select_boxes", "sr_loss"):
+        spy(name, getattr(module, name))
+    images1, images2, t1, t2 = _batch()
+    out = model(images1, images2, t1, t2, generator=torch.Generator().manual_seed(5))
+
+    mask = seen["patch_mask"][1]
+    assert mask.shape == (4, 1, S, S) and torch.equal(mask.mean(dim=(1, 2, 3)), torch.full((4,), 0.5))
+    boxes1, boxes2, _, _ = seen["select_boxes"][1]
+    boxes = boxes1 + boxes2
+    clean = (torch.cat([images1, images2]) - model.mean) / model.std
+    with torch.no_grad():
+        online = model.online.encoder(clean * (1 - mask), boxes)
+        target = model.momentum.encoder(clean, boxes)
+        pred = model.decoder(online["fpn"]["0"], (S, S))
+    ar = ((pred - clean).abs() * mask).sum() / (3 * mask.sum())
+    torch.testing.assert_close(out["ar"].detach(), ar, rtol=1e-5, atol=1e-6)
+    # the clean image matters: with the masked view as target the number is another one
+    assert abs(float(((pred - clean * (1 - mask)).abs() * mask).sum() / (3 * mask.sum())) - float(ar)) > 0.05
+
+    online_fpn, target_fpn, online_roi, target_roi = seen["sr_loss"][0]
+    assert list(target_fpn) == list(target["fpn"])
+    for level in target["fpn"]:
+        torch.testing.assert_close(target_fpn[level], target["fpn"][level], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(online_fpn[level].detach(), online["fpn"][level], rtol=1e-5, atol=1e-5)
+        assert not target_fpn[level].requires_grad and online_fpn[level].requires_grad
+    torch.testing.assert_close(target_roi, target["roi"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(online_roi.detach(), online["roi"], rtol=1e-5, atol=1e-5)
+    # and the momentum encoder's output on the masked views is not what SR was given
+    with torch.no_grad():
+        masked_target = model.momentum.encoder(clean * (1 - mask), boxes)["fpn"]["0"]
+    assert (masked_target - target_fpn["0"]).abs().max() > 1e-2

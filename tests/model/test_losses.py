@@ -140,6 +140,54 @@ def test_lcl_positives(supervised):
     assert float(loss) == pytest.approx(expected, rel=1e-6)
 
 
+def test_supervised_lcl_never_pairs_label_0_boxes():
+    """Label 0 is a box of unknown category (a proposal, a random box): it is its own object's
+    positive only, never a same-category positive of another label-0 box in the batch or the
+    queue. The NumPy mask below is written from that rule."""
+    rng = np.random.default_rng(9)
+    q1, q2, k1, k2 = (rng.normal(size=(6, 8)) for _ in range(4))
+    labels = np.array([0, 2, 0, 3, 2, 0])
+    queue, queue_labels = rng.normal(size=(5, 8)), np.array([0, 2, -1, 0, 3])
+    key_labels = np.concatenate([labels, queue_labels])
+    pos = np.zeros((6, 11), bool)
+    pos[np.arange(6), np.arange(6)] = True
+    pos |= (labels[:, None] == key_labels[None, :]) & (labels[:, None] > 0)
+    assert pos[0].sum() == 1 and pos[1].sum() == 3  # label 0: itself only; label 2: itself, box 4, queue 1
+    expected = (np_info_nce(q1, np.vstack([k2, queue]), pos, 0.2) + np_info_nce(q2, np.vstack([k1, queue]), pos, 0.2)) / 2
+    # with label-0 boxes counted as one category the loss is another number: the rule matters here
+    same = pos | (labels[:, None] == key_labels[None, :])
+    wrong = (np_info_nce(q1, np.vstack([k2, queue]), same, 0.2) + np_info_nce(q2, np.vstack([k1, queue]), same, 0.2)) / 2
+    assert abs(wrong - expected) > 0.1
+    args = [torch.tensor(a) for a in (q1, q2, k1, k2, labels, queue, queue_labels)]
+    loss, stats = lcl_loss(*args, temperature=0.2, supervised=True)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    sim = np_normalize(q1) @ np_normalize(np.vstack([k2, queue])).T
+    assert float(stats["pos_sim"]) == pytest.approx(
+        (sim[pos].mean() + (np_normalize(q2) @ np_normalize(np.vstack([k1, queue])).T)[pos].mean()) / 2, rel=1e-6)
+
+
+def test_patch_mask_at_sizes_that_are_not_multiples_of_the_patch():
+    """70 x 50 with 16-px patches: a 5 x 4 grid whose last row and column are cut to 6 and 2 px;
+    round(0.5 * 20) = 10 patches hidden, each whole (cut ones included), every pixel covered."""
+    g = torch.Generator().manual_seed(3)
+    m = patch_mask(4, 70, 50, patch=16, ratio=0.5, generator=g)
+    assert m.shape == (4, 1, 70, 50)
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    rows = [(0, 16), (16, 32), (32, 48), (48, 64), (64, 70)]
+    cols = [(0, 16), (16, 32), (32, 48), (48, 50)]
+    for n in range(4):
+        hidden = 0
+        for r0, r1 in rows:
+            for c0, c1 in cols:
+                cell = m[n, 0, r0:r1, c0:c1]
+                assert cell.min() == cell.max(), (n, r0, c0)  # a patch is hidden whole or not at all
+                hidden += int(cell[0, 0])
+        assert hidden == 10, n
+    # the cut patches on the right and bottom edges are drawn like the others, not always kept
+    edge = m[:, 0, 64:, :].amax(dim=(1, 2)) + m[:, 0, :, 48:].amax(dim=(1, 2))
+    assert edge.sum() > 0
+
+
 def test_patch_mask_hides_the_ratio_in_whole_patches():
     g = torch.Generator().manual_seed(0)
     m = patch_mask(3, 64, 48, patch=16, ratio=0.5, generator=g)

@@ -71,12 +71,22 @@ def test_shuffle_false_is_sorted(data):
 
 
 def test_len_matches_iter(data):
+    """Each epoch's length is the sum of its draws floor(r(I)) + Bernoulli(frac r(I)) at the
+    image factors of the schedule's alpha for that epoch (linear 1 -> 0 over 5 epochs), with
+    the documented generator: PCG64(SeedSequence((seed, epoch))), one uniform per image."""
     s = make(data)
+    schedule = AlphaSchedule()
     sizes = set()
     for epoch in range(5):
         s.set_epoch(epoch)
         n = len(s)
         assert n == len(list(s)) == s.num_samples
+        _, image = factors(data, "dynamic", alpha=schedule(epoch / 4))
+        np.testing.assert_allclose(s.image_factors, image, rtol=1e-12)
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence((7, epoch))))
+        whole = np.floor(image)
+        assert n == int(whole.sum() + (rng.random(N_IMAGES) < image - whole).sum()), epoch
+        assert whole.sum() <= n <= np.ceil(image).sum()
         sizes.add(n)
     assert len(sizes) > 1  # the epoch length follows the factors
 
