@@ -1,7 +1,8 @@
 """The GPU run (issue 12): one prepared command that measures drcl where it is meant to run.
 
-    PYTHONPATH=src python benchmarks/gpu.py --out DIR            # about 7 minutes on one H100 / H200
+    PYTHONPATH=src python benchmarks/gpu.py --out DIR            # about 8 minutes on one H100 / H200
     PYTHONPATH=src python benchmarks/gpu.py --out DIR --smoke    # every part at toy sizes on the CPU
+    PYTHONPATH=src python benchmarks/gpu.py --out DIR --parts 4 --budget-s 500   # the long run alone, longer
 
 Writes DIR/gpu.json and DIR/gpu.md (Markdown tables), both rewritten after every measured
 configuration, so a run cut off by a time limit still leaves what it measured. A rerun with
@@ -13,23 +14,32 @@ used, reporting how many steps it measured.
    batch 8 per GPU at 800 px, 8 boxes per image, full queues) and of the HCL-only (MoCo v2-like)
    step, on synthetic images and boxes already on the device: images/s, peak memory, model FLOPs
    per step (``torch.utils.flop_counter``: forward of both encoders + backward, counted once per
-   model on one step; they do not depend on dtype or memory format) and MFU against the GPU's
-   dense bf16 peak, in fp32, bf16 autocast and bf16 + channels_last (the config's setting), plus
-   that setting with the batch copied from host memory each step as the training loop does.
-   Each step is the training loop's (:func:`drcl.engine.trainer.train`): autocast forward, the
-   NaN check, backward, gradient norm, SGD step, LR schedule, momentum update. On CUDA one extra
-   step runs under ``torch.cuda.set_sync_debug_mode`` to count host-device syncs per step.
+   model and batch; they do not depend on dtype or memory format) and MFU against the GPU's
+   dense bf16 peak, in fp32, bf16 autocast and bf16 + channels_last (the config's setting); that
+   setting with the batch copied from pinned host memory each step as the training loop does,
+   with and without the views' photometric half applied in the step (``data.photometric:
+   device``); and what could raise MFU: fused SGD, twice the batch. Each step is the training
+   loop's (:func:`drcl.engine.trainer.train`): the views finished on the device, autocast
+   forward, the NaN check, backward, gradient norm, SGD step, LR schedule, momentum update; the
+   targets stay on the host, as the loop keeps them. On CUDA one extra step runs under
+   ``torch.cuda.set_sync_debug_mode`` to count host-device syncs per step.
 2. Fine-tuning step of Mask R-CNN r50-fpn (``configs/lvis_r50_finetune.yaml``: BatchNorm, bf16
    autocast, 1,203 LVIS classes + background) on 800 x 1066 synthetic images with boxes and
    masks, batch 2 and 8.
 3. Input pipeline of pre-training (decode + the two box-aware views at 800 px + collate, through
-   the training loop's seeded dataset) on the machine's CPUs, per number of DataLoader workers;
-   images/s per worker and how many workers part 1's bf16 step rates need.
-4. The long run: the shipped ``tiny`` config on generated data (5,000 train images, 160 px) at a
-   GPU-sized batch for as many iterations as the part's budget allows (decided before the run from
-   a timed warm-up; the schedules depend on it), then ``drcl probe`` and a short fine-tune from the
-   result and from random init with the same fine-tuning iterations. AP only when faster-coco-eval
-   is importable; otherwise the probe and the fine-tuning loss, and AP is reported as not measured.
+   the training loop's seeded dataset) on the machine's CPUs, per number of DataLoader workers, on
+   both photometric paths (``loader``: all of a view in the worker; ``device``: the worker decodes,
+   crops and flips in uint8); then the fed rate: the full 2DRCL step taking its batches from real
+   JPEG files through that many workers on the device path, against part 1's synthetic-batch rate
+   of the same step (the goal: 90 % of it with at most 12 workers on a 16-core host).
+4. The long run: the shipped ``tiny`` config on generated data (5,000 train images, 160 px, the
+   photometric half on the device) at a GPU-sized batch for as many iterations as the part's
+   budget allows (decided before the run from a timed warm-up; the schedules depend on it; it
+   says when the 100 epochs wanted do not fit), the box probe at a snapshot every quarter of the
+   run (``train.snapshot_every``) and at the end, then a short fine-tune from the result and from
+   random init with the same fine-tuning iterations. AP only when faster-coco-eval is importable
+   (the GPU machine has no package registry: bring its wheel); otherwise the probe and the
+   fine-tuning loss, and AP is reported as not measured.
 
 The generated data of parts 3 and 4 is made in the background (several processes) while parts 1
 and 2 use the GPU, and finished before part 3 measures the CPUs. Bulky files live in ``--work``
@@ -69,22 +79,24 @@ from drcl.atomic import atomic_write, write_json
 FULL = {
     "preset": "r50-fpn", "size": 800, "batch": 8, "boxes": 8, "warmup": 3, "steps": 10,
     "ft_size": (800, 1066), "ft_batches": (2, 8), "ft_classes": 1203,
-    "p3_images": 64, "p3_size": 800, "p3_batch": 1, "p3_workers": (1, 12, 4),
+    "p3_images": 64, "p3_size": 800, "p3_batch": 1, "p3_workers": (1, 12, 4), "p3_fed_workers": (12, 8, 4),
+    "p3_fed_warmup": 6,
     "p4_train": 5000, "p4_val": 1000, "p4_classes": 40, "p4_size": 160, "p4_batch": 64,
     "p4_workers": max(1, min(14, (os.cpu_count() or 1) - 2)),
     "p4_warm_iters": 30, "p4_min_iters": 50, "p4_max_iters": 100_000, "p4_ft_iters": 300, "p4_ft_batch": 16,
-    "budget": 400.0,
+    "budget": 420.0, "p4_epochs": 100, "p4_probes": 4,
 }
 SMOKE = {
     "preset": "tiny", "size": 64, "batch": 2, "boxes": 8, "warmup": 0, "steps": 2,
     "ft_size": (64, 80), "ft_batches": (1, 2), "ft_classes": 8,
-    "p3_images": 16, "p3_size": 64, "p3_batch": 4, "p3_workers": (0, 1),
+    "p3_images": 16, "p3_size": 64, "p3_batch": 4, "p3_workers": (0, 1), "p3_fed_workers": (1,),
+    "p3_fed_warmup": 1,
     "p4_train": 32, "p4_val": 16, "p4_classes": 8, "p4_size": 64, "p4_batch": 4, "p4_workers": 0,
     "p4_warm_iters": 2, "p4_min_iters": 2, "p4_max_iters": 4, "p4_ft_iters": 2, "p4_ft_batch": 2,
-    "budget": 70.0,
+    "budget": 70.0, "p4_epochs": 1, "p4_probes": 2,
 }
 #: Share of the budget per part (normalised over the parts run).
-WEIGHTS = {1: 75, 2: 35, 3: 60, 4: 230}
+WEIGHTS = {1: 65, 2: 25, 3: 110, 4: 220}
 
 #: Dense (no sparsity) bf16 tensor-core peak in FLOP/s, by a substring of the device name; first match wins.
 BF16_PEAK = (
@@ -236,77 +248,147 @@ def count_syncs(fn) -> dict:
     return {"count": sum(where.values()), "where": where.most_common(12)}
 
 
-def pretrain_step_config(cfg: dict, device: torch.device, s: dict, amp_dtype, channels_last: bool, host_batch: bool,
-                         deadline: float, count_flops: bool, syncs: bool) -> dict:
-    """Build the module, then warm-up and timed training steps; see the module docstring."""
-    from drcl.config import drcl_config
-    from drcl.engine.trainer import _check_finite, _to, build_optimizer, lr_factor
-    from drcl.model.drcl import DRCL, TERMS
-    from drcl.model.memory import momentum_at
+def device_views(x1, x2, targets1, targets2, size: int, seed: int = 0):
+    """The same batch as the device path's loader gives it: uint8 views and each view's
+    photometric parameters (drawn as the workers draw them)."""
+    from drcl.views import TwoViewTransform
 
-    t = cfg["train"]
-    free(device)
-    torch.manual_seed(0)
-    model = DRCL(drcl_config(cfg)).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    fill_queues(model)
-    optimizer = build_optimizer(model, t)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, t))
-    cpu_batch = views_batch(s["batch"], s["size"], s["boxes"])
-    dev_batch = _to(cpu_batch, device)
-    weights = torch.linspace(1, 5, 19, device=device)
-    gen = torch.Generator()
-    record = {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none", "channels_last": channels_last,
-              "batch_from_host": host_batch}
+    recipes = TwoViewTransform(size=size, photometric="device").recipes
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.stack([recipes[v].draw(g) for _ in range(x1.shape[0])]) for v in (0, 1)]
+    as_uint8 = [(x * 255).round().clamp(0, 255).to(torch.uint8) for x in (x1, x2)]
+    return as_uint8[0], as_uint8[1], targets1, targets2, params[0], params[1]
 
-    def forward_backward(it):
-        x1, x2, t1, t2 = _to(cpu_batch, device) if host_batch else dev_batch
-        gen.manual_seed(it)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            result = model(x1, x2, t1, t2, weights, gen)
+
+class PretrainStep:
+    """The training loop's 2DRCL step (:func:`drcl.engine.trainer.train`): the views finished on
+    the device (their photometric half, on the device path), autocast forward, the NaN check,
+    backward, gradient norm, SGD step, LR schedule, momentum update. Batches come as the loader
+    gives them: pixels to move (pinned, queued copies), targets that stay on the host."""
+
+    def __init__(self, cfg: dict, device: torch.device, amp_dtype, channels_last: bool, fused: bool = False,
+                 size: int = 800):
+        from drcl.config import drcl_config
+        from drcl.engine.trainer import build_optimizer, lr_factor
+        from drcl.model.drcl import DRCL
+        from drcl.views import TwoViewTransform
+
+        self.t, self.device, self.amp_dtype = cfg["train"], device, amp_dtype
+        torch.manual_seed(0)
+        self.model = DRCL(drcl_config(cfg)).to(device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        fill_queues(self.model)
+        if fused:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.SGD(params, lr=self.t["lr"], momentum=self.t["momentum"],
+                                             weight_decay=self.t["weight_decay"], fused=True)
+        else:
+            self.optimizer = build_optimizer(self.model, self.t)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, self.t))
+        self.views = TwoViewTransform(size=size, photometric="device")  # finish() leaves float views as they are
+        self.weights = torch.linspace(1, 5, 19, device=device)
+        self.gen = torch.Generator()
+
+    def to_device(self, batch):
+        from drcl.pretrain import _images_to_device
+
+        return _images_to_device(batch, self.device)
+
+    def forward_backward(self, batch, it: int):
+        from drcl.engine.trainer import _check_finite
+        from drcl.model.drcl import TERMS
+
+        x1, x2, t1, t2 = self.views.finish(batch)
+        self.gen.manual_seed(it)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            result = self.model(x1, x2, t1, t2, self.weights, self.gen)
         _check_finite(result, [k for k in TERMS if k in result], it, Path("no-checkpoint"))
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         result["loss"].backward()
         return result
 
-    def step(it):
-        forward_backward(it)
-        nn.utils.clip_grad_norm_(model.parameters(), math.inf)
-        optimizer.step()
-        scheduler.step()
-        model.momentum_update(momentum_at(it / t["max_iters"], t["momentum_base"]))
+    def __call__(self, batch, it: int) -> None:
+        from drcl.model.memory import momentum_at
+
+        self.forward_backward(batch, it)
+        nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.model.momentum_update(momentum_at(it / self.t["max_iters"], self.t["momentum_base"]))
+
+
+def pretrain_step_config(cfg: dict, device: torch.device, s: dict, setting: dict, deadline: float, count_flops: bool,
+                         syncs: bool) -> dict:
+    """Build the step, then warm-up and timed steps on one batch; see the module docstring."""
+    free(device)
+    batch = setting.get("batch") or s["batch"]
+    step = PretrainStep(cfg, device, setting["amp"], setting["channels_last"], setting.get("fused", False), s["size"])
+    host = views_batch(batch, s["size"], s["boxes"])
+    if setting.get("photometric"):
+        host = device_views(*host, size=s["size"])
+    if device.type == "cuda":
+        host = tuple(x.pin_memory() if torch.is_tensor(x) else x for x in host)
+    on_device = step.to_device(host)
+    record = {"amp": str(setting["amp"]).replace("torch.", "") if setting["amp"] else "none",
+              "channels_last": setting["channels_last"], "batch_from_host": setting["host"],
+              "photometric_on_device": bool(setting.get("photometric")), "fused_sgd": bool(setting.get("fused")),
+              "batch": batch}
+
+    def batch_for_step():
+        return step.to_device(host) if setting["host"] else on_device
 
     it = 0
     if count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:
-            forward_backward(it)
-        optimizer.zero_grad(set_to_none=True)
+            step.forward_backward(batch_for_step(), it)
+        step.optimizer.zero_grad(set_to_none=True)
         record["flops_per_step"] = int(counter.get_total_flops())
         it += 1
     start = time.perf_counter()
     for _ in range(s["warmup"]):
-        step(it)
+        step(batch_for_step(), it)
         it += 1
     sync(device)
     record["warmup_s"] = time.perf_counter() - start
     n, start = 0, time.perf_counter()
     while n < s["steps"] and (n == 0 or time.perf_counter() < deadline):
-        step(it)
+        step(batch_for_step(), it)
         it, n = it + 1, n + 1
     sync(device)
     elapsed = time.perf_counter() - start
-    record.update(steps=n, s_per_step=elapsed / n, images_per_s=s["batch"] * n / elapsed,
-                  peak_gib=peak_gib(device))
+    record.update(steps=n, s_per_step=elapsed / n, images_per_s=batch * n / elapsed, peak_gib=peak_gib(device))
     if syncs and device.type == "cuda":
         try:
-            record["syncs_per_step"] = count_syncs(lambda: step(it))
+            record["syncs_per_step"] = count_syncs(lambda: step(batch_for_step(), it))
             sync(device)
         except Exception as e:  # a diagnostic only
             record["syncs_per_step"] = error_record(e)
     return record
+
+
+#: Part 1's settings: the config's own (bf16 + channels_last) first, so that a short budget
+#: still measures it; the last rows are what could raise MFU.
+BF16 = torch.bfloat16
+PART1_SETTINGS = [
+    {"model": "2DRCL", "setting": "bf16+channels_last", "amp": BF16, "channels_last": True, "host": False},
+    {"model": "HCL only", "setting": "bf16+channels_last", "amp": BF16, "channels_last": True, "host": False},
+    {"model": "2DRCL", "setting": "bf16+channels_last, batch from host, photometric on the device", "amp": BF16,
+     "channels_last": True, "host": True, "photometric": True},
+    {"model": "2DRCL", "setting": "bf16+channels_last, batch from host", "amp": BF16, "channels_last": True,
+     "host": True},
+    {"model": "2DRCL", "setting": "bf16", "amp": BF16, "channels_last": False, "host": False},
+    {"model": "HCL only", "setting": "bf16", "amp": BF16, "channels_last": False, "host": False},
+    {"model": "2DRCL", "setting": "fp32", "amp": None, "channels_last": False, "host": False},
+    {"model": "2DRCL", "setting": "bf16+channels_last, fused SGD", "amp": BF16, "channels_last": True, "host": False,
+     "fused": True},
+    {"model": "2DRCL", "setting": "bf16+channels_last, twice the batch", "amp": BF16, "channels_last": True,
+     "host": False, "batch_factor": 2},
+]
+#: The synthetic-batch rate that part 3's fed rate is compared with: the same step, fed from host memory
+FED_REFERENCE = "bf16+channels_last, batch from host, photometric on the device"
 
 
 def part1(ctx, res: dict, deadline: float) -> None:
@@ -318,53 +400,54 @@ def part1(ctx, res: dict, deadline: float) -> None:
         over += ["model.hcl_queue=256", "model.lcl_queue=256"]
     hcl_only = ["model.lcl=false", "model.ar=false", "model.sr=false"]
     models = {"2DRCL": load_config("lvis_r50", over), "HCL only": load_config("lvis_r50", over + hcl_only)}
-    bf16 = torch.bfloat16
-    # the config's own setting (bf16 + channels_last) first, so a short budget still measures it
-    configs = [("2DRCL", "bf16+channels_last", bf16, True, False),
-               ("HCL only", "bf16+channels_last", bf16, True, False),
-               ("2DRCL", "bf16", bf16, False, False), ("HCL only", "bf16", bf16, False, False),
-               ("2DRCL", "fp32", None, False, False), ("HCL only", "fp32", None, False, False),
-               ("2DRCL", "bf16+channels_last, batch from host", bf16, True, True)]
+    configs = PART1_SETTINGS
     m = models["2DRCL"]["model"]
     res.update(preset=s["preset"], norm=m["norm"], image_size=s["size"], batch=s["batch"], boxes_per_image=s["boxes"],
                hcl_queue=m["hcl_queue"], lcl_queue=m["lcl_queue"], bf16_peak_flops=bf16_peak(device),
                note=("images/s counts images (each is two views); steps reuse one batch already on the device except "
-                     "the 'batch from host' row; FLOPs (torch.utils.flop_counter) cover the momentum forward and the "
-                     "online forward + backward, once per model; MFU is against the dense bf16 peak for every row"),
+                     "the 'batch from host' rows (pinned pixels copied each step, targets on the host as the loop "
+                     "keeps them); 'photometric on the device' applies the views' colour jitter, grayscale, blur and "
+                     "solarize in the step (data.photometric: device); FLOPs (torch.utils.flop_counter) cover the "
+                     "momentum forward and the online forward + backward, once per model and batch; MFU is against "
+                     "the dense bf16 peak for every row"),
                rows=[])
     flops = {}
-    for k, (name, setting, amp_dtype, cl, host) in enumerate(configs):
+    for k, setting in enumerate(configs):
+        setting = {**setting, "batch": s["batch"] * setting.get("batch_factor", 1)}
+        name, label = setting["model"], setting["setting"]
         left = deadline - time.perf_counter()
         if left <= 0 and not ctx.smoke:  # the smoke run measures every configuration
-            res["rows"].append({"model": name, "setting": setting, "skipped": "budget used"})
+            res["rows"].append({"model": name, "setting": label, "skipped": "budget used"})
             continue
         share = time.perf_counter() + left / (len(configs) - k)
-        say(f"part 1: {name}, {setting} ...")
+        key = (name, setting["batch"])
+        say(f"part 1: {name}, {label} ...")
         try:
-            row = pretrain_step_config(models[name], device, s, amp_dtype, cl, host, share, name not in flops, k == 0)
+            row = pretrain_step_config(models[name], device, s, setting, share, key not in flops, k == 0)
         except Exception as e:
             row = error_record(e)
-            say(f"part 1: {name}, {setting}: {row['error']}")
+            say(f"part 1: {name}, {label}: {row['error']}")
         finally:
             free(device)
-        row = {"model": name, "setting": setting, **row}
+        row = {"model": name, "setting": label, **row}
         if "flops_per_step" in row:
-            flops[name] = row["flops_per_step"]
+            flops[key] = row["flops_per_step"]
         if "images_per_s" in row:
-            f = flops.get(name)
+            f = flops.get(key)
             row["flops_per_step"] = f
             row["mfu"] = (f / row["s_per_step"] / res["bf16_peak_flops"]) if f and res["bf16_peak_flops"] else None
-            say(f"part 1: {name}, {setting}: {row['images_per_s']:.1f} images/s ({row['steps']} steps), "
+            say(f"part 1: {name}, {label}: {row['images_per_s']:.1f} images/s ({row['steps']} steps), "
                 f"peak {_fmt(row['peak_gib'], '{:.1f}')} GiB, MFU {_fmt(row['mfu'], '{:.1%}')}")
             if "syncs_per_step" in row and "count" in row["syncs_per_step"]:
                 say(f"part 1: {row['syncs_per_step']['count']} host-device syncs per step")
         res["rows"].append(row)
         ctx.save()
     rate = {(r["model"], r["setting"]): r.get("images_per_s") for r in res["rows"]}
-    res["2drcl_over_hcl_time"] = {st: rate[("HCL only", st)] / rate[("2DRCL", st)]
-                                  for _, st, *_ in configs if rate.get(("HCL only", st)) and rate.get(("2DRCL", st))}
-    if flops.get("2DRCL") and flops.get("HCL only"):
-        res["2drcl_over_hcl_flops"] = flops["2DRCL"] / flops["HCL only"]
+    res["2drcl_over_hcl_time"] = {c["setting"]: rate[("HCL only", c["setting"])] / rate[("2DRCL", c["setting"])]
+                                  for c in configs if c["model"] == "HCL only"
+                                  and rate.get(("HCL only", c["setting"])) and rate.get(("2DRCL", c["setting"]))}
+    if flops.get(("2DRCL", s["batch"])) and flops.get(("HCL only", s["batch"])):
+        res["2drcl_over_hcl_flops"] = flops[("2DRCL", s["batch"])] / flops[("HCL only", s["batch"])]
 
 
 # --------------------------------------------------------------------------- part 2: fine-tuning step
@@ -519,7 +602,8 @@ def measure_loader(dataset, batch: int, workers: int, window: float) -> dict:
 
 def stage_times(raw, views) -> dict:
     """Seconds of each step of one view of image 0, on one thread, and the expected seconds per
-    image (two views) from the views' probabilities: where the pipeline's time goes."""
+    image (two views) from the views' probabilities: where the pipeline's time goes, and what
+    the workers keep of it when the photometric half runs on the device."""
     from torchvision import tv_tensors
     from torchvision.transforms import v2
 
@@ -538,28 +622,61 @@ def stage_times(raw, views) -> dict:
         target = raw.target(0, *image.shape[-2:])
         boxes = tv_tensors.BoundingBoxes(target["boxes"].as_subclass(torch.Tensor), format="XYXY",
                                          canvas_size=tuple(image.shape[-2:]))
-        x, _ = timed("crop_flip_float", views.geometric, tv_tensors.Image(image), boxes)
-        x = x.as_subclass(torch.Tensor)
-        jitter, gray, blur, solarize = views.photometric[0].transforms
+        x, _ = timed("crop_flip", views.geometric, tv_tensors.Image(image), boxes)
+        timed("draw_photometric", views.recipes[0].draw, torch.Generator().manual_seed(0))
+        to_float, jitter, gray, blur, solarize = views.reference[0].transforms
+        x = timed("to_float", to_float, x.as_subclass(torch.Tensor))
         timed("color_jitter", jitter.transforms[0], x)
         timed("grayscale", v2.functional.rgb_to_grayscale, x, 3)
         kernel = blur.transforms[0].kernel_size
         timed(f"gaussian_blur_{kernel[0]}", blur.transforms[0], x)
         timed("solarize", v2.functional.solarize, x, 0.5)
-        timed("gaussian_blur_13_for_comparison", v2.GaussianBlur(13, sigma=(0.1, 2.0)), x)
-        p = [[t.p for t in ph.transforms] for ph in views.photometric]  # jitter, grayscale, blur, solarize
-        per_view = [timings["crop_flip_float"] + q[0] * timings["color_jitter"] + q[1] * timings["grayscale"]
-                    + q[2] * timings[f"gaussian_blur_{kernel[0]}"] + q[3] * timings["solarize"] for q in p]
-        return {"seconds": timings, "expected_s_per_image": timings["decode"] + sum(per_view),
-                "blur_share": sum(q[2] for q in p) * timings[f"gaussian_blur_{kernel[0]}"]
-                / (timings["decode"] + sum(per_view)),
+        p = [[r.color_jitter_p, r.grayscale_p, r.blur_p, r.solarize_p] for r in views.recipes]
+        photometric = [timings["to_float"] + q[0] * timings["color_jitter"] + q[1] * timings["grayscale"]
+                       + q[2] * timings[f"gaussian_blur_{kernel[0]}"] + q[3] * timings["solarize"] for q in p]
+        loader = timings["decode"] + 2 * timings["crop_flip"] + sum(photometric)
+        device = timings["decode"] + 2 * (timings["crop_flip"] + timings["draw_photometric"])
+        return {"seconds": timings, "expected_s_per_image": loader, "expected_s_per_image_device_path": device,
+                "photometric_share": sum(photometric) / loader,
                 "probabilities": {"color_jitter": p[0][0], "grayscale": p[0][1], "blur": [q[2] for q in p],
                                   "solarize": [q[3] for q in p]}}
     finally:
         torch.set_num_threads(threads)
 
 
+def fed_rate(step: PretrainStep, dataset, batch: int, workers: int, window: float, warmup: int) -> dict:
+    """Images/s of the full 2DRCL step fed by a DataLoader over ``dataset`` with ``workers``
+    workers (pinned batches, as the training loop's): ``warmup`` steps first (workers start,
+    the loader fills), then steps for ``window`` seconds."""
+    from drcl.engine.loader import SeededDataset
+    from drcl.views import collate_views
+
+    cuda = step.device.type == "cuda"
+    total = 10**7  # more than a window takes; the loader is dropped after it
+    loader = torch.utils.data.DataLoader(SeededDataset(dataset), batch_size=batch, sampler=Pairs(len(dataset), total),
+                                         collate_fn=collate_views, num_workers=workers, pin_memory=cuda)
+    it, n = 0, 0
+    source = iter(loader)
+    try:
+        for _ in range(warmup):
+            step(step.to_device(next(source)), it)
+            it += 1
+        sync(step.device)
+        start = time.perf_counter()
+        while n == 0 or time.perf_counter() - start < window:
+            step(step.to_device(next(source)), it)
+            it, n = it + 1, n + 1
+        sync(step.device)
+        elapsed = time.perf_counter() - start
+    finally:
+        del source, loader
+    return {"workers": workers, "batch": batch, "steps": n, "seconds": elapsed, "images_per_s": n * batch / elapsed}
+
+
 def part3(ctx, res: dict, deadline: float) -> None:
+    """The input pipeline at 800 px: per DataLoader worker count, the loader alone on each
+    photometric path, then the full 2DRCL step fed by it (device path) against part 1's
+    synthetic-batch rate of the same step."""
     from drcl.config import load_config
     from drcl.data.annotations import load_annotations
     from drcl.data.dataset import DetectionDataset
@@ -567,61 +684,94 @@ def part3(ctx, res: dict, deadline: float) -> None:
     from drcl.pretrain import _Compose
     from drcl.views import TwoViewTransform
 
-    s = ctx.s
+    s, device = ctx.s, ctx.device
     res["data"] = ctx.background.wait(deadline)  # also keeps part 4's generation off the measured CPUs
     root = ctx.work / "p3-data"
-    cfg = load_config("lvis_r50")
+    over = [f"model.preset={s['preset']}"] + (["model.hcl_queue=256", "model.lcl_queue=256"] if ctx.smoke else [])
+    cfg = load_config("lvis_r50", over)
     size = s["p3_size"]
     ann = load_annotations(*split_paths(root, "train"), records=False)
-    views = TwoViewTransform(size=size, scale=tuple(cfg["data"]["crop_scale"]))
-    dataset = DetectionDataset(ann, transforms=_Compose(None, views), masks=False)
+    views = {path: TwoViewTransform(size=size, scale=tuple(cfg["data"]["crop_scale"]), photometric=path)
+             for path in ("loader", "device")}
+    datasets = {path: DetectionDataset(ann, transforms=_Compose(None, v), masks=False) for path, v in views.items()}
     batch = s["p3_batch"]
     batch_bytes = batch * 2 * 3 * size * size * 4
-    res.update(image_size=size, batch=batch, images=ann.num_images, crop_scale=cfg["data"]["crop_scale"],
-               cpu_count=os.cpu_count(), shm_free_gib=None if shm_free() is None else shm_free() / 2**30,
+    res.update(image_size=size, batch=batch, fed_batch=s["batch"], images=ann.num_images,
+               crop_scale=cfg["data"]["crop_scale"], cpu_count=os.cpu_count(),
+               shm_free_gib=None if shm_free() is None else shm_free() / 2**30,
                note="JPEG decode + two box-aware views + collate through the seeded dataset, per DataLoader worker "
-                    "count (the per-worker rate does not depend on the batch); workers=0 runs in the main process "
-                    "on one thread", rows=[])
+                    "count and photometric path (loader: all of a view in the worker; device: the worker decodes, "
+                    "crops and flips in uint8 and draws the photometric parameters); workers=0 runs in the main "
+                    "process on one thread. Fed: the full 2DRCL step (bf16 + channels_last) taking its batches from "
+                    "such a loader on the device path, against part 1's step on a pinned host batch", rows=[],
+               fed=[])
     say("part 3: time per step of one view ...")
     try:
-        res["stages"] = stage_times(DetectionDataset(ann, masks=False), views)
+        res["stages"] = stage_times(DetectionDataset(ann, masks=False), views["loader"])
         st = res["stages"]
-        say(f"part 3: {st['expected_s_per_image']:.2f} s per image expected on one core, "
-            f"{st['blur_share']:.0%} of it in the Gaussian blur: "
-            + ", ".join(f"{k} {v:.3f} s" for k, v in st["seconds"].items()))
+        say(f"part 3: {st['expected_s_per_image']:.3f} s per image on one core, {st['photometric_share']:.0%} of "
+            f"it photometric; {st['expected_s_per_image_device_path']:.3f} s on the device path: "
+            + ", ".join(f"{k} {v:.4f} s" for k, v in st["seconds"].items()))
     except Exception as e:
         res["stages"] = error_record(e)
     ctx.save()
-    workers = list(s["p3_workers"])
-    for k, w in enumerate(workers):
-        left = deadline - time.perf_counter()
+    loader_deadline = time.perf_counter() + 0.4 * (deadline - time.perf_counter())
+    plan = [(path, w) for w in s["p3_workers"] for path in ("device", "loader")]
+    for k, (path, w) in enumerate(plan):
+        left = loader_deadline - time.perf_counter()
         if left <= 0 and not ctx.smoke:  # the smoke run measures every configuration
-            res["rows"].append({"workers": w, "skipped": "budget used"})
+            res["rows"].append({"path": path, "workers": w, "skipped": "budget used"})
             continue
         if workers_that_fit(w, batch_bytes) < w:
-            res["rows"].append({"workers": w, "skipped": "/dev/shm too small for this many workers"})
+            res["rows"].append({"path": path, "workers": w, "skipped": "/dev/shm too small for this many workers"})
             continue
-        share = left / (len(workers) - k)
-        say(f"part 3: {w} workers ...")
+        say(f"part 3: loader alone, {path} path, {w} workers ...")
         try:
-            row = measure_loader(dataset, batch, w, window=0.6 * share)
-            say(f"part 3: {w} workers: {row['images_per_s']:.2f} images/s ({row['images_per_s_per_worker']:.2f} "
-                f"per worker, {row['batches_timed']} batches of {batch})")
+            row = {"path": path, **measure_loader(datasets[path], batch, w, window=0.6 * left / (len(plan) - k))}
+            say(f"part 3: {path} path, {w} workers: {row['images_per_s']:.2f} images/s "
+                f"({row['images_per_s_per_worker']:.2f} per worker)")
         except Exception as e:
-            row = {"workers": w, **error_record(e)}
-            say(f"part 3: {w} workers: {row['error']}")
+            row = {"path": path, "workers": w, **error_record(e)}
+            say(f"part 3: {path} path, {w} workers: {row['error']}")
         res["rows"].append(row)
         ctx.save()
-    one = min((r for r in res["rows"] if r.get("images_per_s")), key=lambda r: r["workers"], default=None)
+    p1 = {r["setting"]: r for r in ctx.results["parts"].get("1", {}).get("rows", []) if r.get("model") == "2DRCL"}
+    synthetic = (p1.get(FED_REFERENCE) or {}).get("images_per_s")
+    res["synthetic_images_per_s"] = synthetic
+    step = None
+    try:
+        fed_workers = [w for w in s["p3_fed_workers"] if workers_that_fit(w, s["batch"] * 2 * 3 * size * size) >= w]
+        for k, w in enumerate(fed_workers):
+            left = deadline - time.perf_counter()
+            if left <= 0 and not ctx.smoke:
+                res["fed"].append({"workers": w, "skipped": "budget used"})
+                continue
+            if step is None:
+                step = PretrainStep(cfg, device, torch.bfloat16 if device.type == "cuda" else None,
+                                    device.type == "cuda", size=size)
+            say(f"part 3: the 2DRCL step fed by {w} workers ...")
+            try:
+                row = fed_rate(step, datasets["device"], s["batch"], w, window=0.5 * left / (len(fed_workers) - k),
+                               warmup=s["p3_fed_warmup"])
+                row["of_synthetic"] = row["images_per_s"] / synthetic if synthetic else None
+                say(f"part 3: fed by {w} workers: {row['images_per_s']:.1f} images/s"
+                    + (f" ({row['of_synthetic']:.0%} of the synthetic-batch rate)" if synthetic else ""))
+            except Exception as e:
+                row = {"workers": w, **error_record(e)}
+                say(f"part 3: fed by {w} workers: {row['error']}")
+            res["fed"].append(row)
+            ctx.save()
+    finally:
+        del step
+        free(device)
     res["workers_needed"] = {}
-    p1 = ctx.results["parts"].get("1", {})
-    if one:
-        per_worker = one["images_per_s_per_worker"]
-        for r in p1.get("rows", []):
-            if r.get("model") == "2DRCL" and r.get("images_per_s") and r["setting"] in ("bf16", "bf16+channels_last"):
-                res["workers_needed"][r["setting"]] = {
-                    "gpu_images_per_s": r["images_per_s"], "per_worker_images_per_s": per_worker,
-                    "from_workers": one["workers"], "workers": math.ceil(r["images_per_s"] / per_worker)}
+    for path in ("loader", "device"):
+        one = min((r for r in res["rows"] if r.get("images_per_s") and r["path"] == path), key=lambda r: r["workers"],
+                  default=None)
+        if one and synthetic:
+            res["workers_needed"][path] = {
+                "gpu_images_per_s": synthetic, "per_worker_images_per_s": one["images_per_s_per_worker"],
+                "from_workers": one["workers"], "workers": math.ceil(synthetic / one["images_per_s_per_worker"])}
 
 
 # --------------------------------------------------------------------------- part 4: the long run
@@ -660,7 +810,7 @@ def part4(ctx, res: dict, deadline: float) -> None:
     batch = s["p4_batch"]
     workers = workers_that_fit(s["p4_workers"], batch * 2 * 3 * s["p4_size"] ** 2 * 4)
     pre = common + [f"data.image_size={s['p4_size']}", f"train.batch_size={batch}", f"train.lr={P4_LR}",
-                    f"data.workers={workers}"]
+                    f"data.workers={workers}", "data.photometric=device"]
     ft_iters = s["p4_ft_iters"]
     ft = load_config("tiny_finetune", common + [
         f"train.batch_size={s['p4_ft_batch']}", f"train.lr={P4_FT_LR}", f"train.max_iters={ft_iters}",
@@ -682,11 +832,16 @@ def part4(ctx, res: dict, deadline: float) -> None:
     log = open(ctx.out / "part4" / "log.txt", "a")
     quiet = contextlib.redirect_stderr(log)  # progress bars and warnings go to OUT/part4/log.txt
 
-    def probe(weights, name):
+    def probe(weights, name, iteration=None):
         start = time.perf_counter()
         with quiet:
             r = run_probe(load_config("tiny", common), weights, seed=0, progress=False)
-        res[f"probe_{name}"] = {k: r.get(k) for k in PROBE_KEYS}
+        rec = {k: r.get(k) for k in PROBE_KEYS}
+        if iteration is None:
+            res[f"probe_{name}"] = rec
+        else:
+            res.setdefault("probe_by_epoch", []).append(
+                {"iteration": iteration, "epochs": iteration * batch / s["p4_train"], **rec})
         say(f"part 4: probe ({name}): top-1 {100 * r['acc']:.1f} %, rare {_fmt(r['acc_r'], '{:.1%}')}")
         ctx.save()
         return time.perf_counter() - start
@@ -746,13 +901,17 @@ def part4(ctx, res: dict, deadline: float) -> None:
             round_iters = max(1, min(math.ceil(n / updates), epoch_batches))
             return (n + 3 * (n // health_every(n))) * it_s + math.ceil(n / round_iters) * restart
 
-        left = deadline - time.perf_counter() - t_probe - t_ft - overhead - 5.0
+        # the probes of the snapshots (every 1 / p4_probes of the run) and of the result, one fine-tune
+        left = deadline - time.perf_counter() - s["p4_probes"] * t_probe - t_ft - overhead - 5.0
         iters = max(0, int(left / it_s))
         while iters > 0 and predicted(iters) > left:
             iters = int(iters * 0.97)
         iters = max(s["p4_min_iters"], min(s["p4_max_iters"], iters))
         res["estimate"] = {"warmup_iters": warm, "s_per_iter": it_s, "loader_restart_s": restart,
-                           "startup_s": overhead, "planned_iters": iters, "predicted_s": predicted(iters) + overhead}
+                           "startup_s": overhead, "planned_iters": iters, "predicted_s": predicted(iters) + overhead,
+                           "epochs_wanted": s["p4_epochs"], "iters_wanted": math.ceil(s["p4_epochs"] * s["p4_train"] / batch)}
+        if iters * batch / s["p4_train"] < s["p4_epochs"]:
+            say(f"part 4: {s['p4_epochs']} epochs do not fit this budget (give part 4 alone more: --parts 4 --budget-s N)")
         say(f"part 4: {it_s * 1000:.0f} ms per iteration, {restart:.1f} s per loader restart, {overhead:.0f} s "
             f"startup: pre-training {iters} iterations ({iters * batch / s['p4_train']:.1f} epochs)")
         ctx.save()
@@ -763,6 +922,7 @@ def part4(ctx, res: dict, deadline: float) -> None:
             summary = pretrain(load_config("tiny", pre + [
                 f"train.max_iters={iters}", f"train.checkpoint_every={iters}",
                 f"train.log_every={max(1, min(25, iters // 20))}",
+                f"train.snapshot_every={max(1, iters // s['p4_probes'])}",
                 f"train.health_every={health_every(iters)}"]), run)
         rows = _rows(run)
         health = summary.get("health") or {}
@@ -776,6 +936,10 @@ def part4(ctx, res: dict, deadline: float) -> None:
         say(f"part 4: pre-trained {res['pretrain']['iterations']} iterations = {res['pretrain']['epochs']:.1f} epochs "
             f"in {res['pretrain']['seconds']:.0f} s ({res['pretrain']['images_per_s']:.0f} images/s)")
         ctx.save()
+        for snap in sorted((run / "checkpoints").glob("iter_*.pt")):
+            n = int(snap.stem.split("_")[1])
+            if n < summary["iterations"]:  # the last one is the result, probed next
+                probe(snap, f"{n * batch / s['p4_train']:.1f} epochs", iteration=n)
         probe(run / "encoder.pt", "pretrained")
         tune(str(run / "encoder.pt"), "pretrained")
     finally:
@@ -832,25 +996,37 @@ def markdown(results: dict) -> str:
         lines += [""]
     p = parts.get("3")
     if p:
-        lines += [f"## 3. Pre-training input pipeline ({p.get('image_size')} px, batch {p.get('batch')}, "
-                  f"{p.get('cpu_count')} CPUs)", "",
-                  "| workers | images/s | per worker | batches timed |", "|---:|---:|---:|---:|"]
+        lines += [f"## 3. Pre-training input pipeline ({p.get('image_size')} px, {p.get('cpu_count')} CPUs)", "",
+                  f"The loader alone (batch {p.get('batch')}):", "",
+                  "| photometric path | workers | images/s | per worker | batches timed |", "|---|---:|---:|---:|---:|"]
         for r in p.get("rows", []):
             if "images_per_s" in r:
-                lines.append(f"| {r['workers']} | {r['images_per_s']:.2f} | {r['images_per_s_per_worker']:.2f} | "
-                             f"{r['batches_timed']}" + (" (first round)" if r.get("timing") else "") + " |")
+                lines.append(f"| {r.get('path')} | {r['workers']} | {r['images_per_s']:.2f} | "
+                             f"{r['images_per_s_per_worker']:.2f} | {r['batches_timed']}"
+                             + (" (first round)" if r.get("timing") else "") + " |")
+            else:
+                lines.append(f"| {r.get('path')} | {r.get('workers')} | {r.get('error') or r.get('skipped')} |||")
+        lines += ["", f"The 2DRCL step fed by the loader (device path, batch {p.get('fed_batch')}), against the same step "
+                  f"on a pinned host batch ({_fmt(p.get('synthetic_images_per_s'))} images/s, part 1):", "",
+                  "| workers | images/s | of the synthetic-batch rate | steps |", "|---:|---:|---:|---:|"]
+        for r in p.get("fed", []):
+            if "images_per_s" in r:
+                lines.append(f"| {r['workers']} | {r['images_per_s']:.1f} | {_fmt(r.get('of_synthetic'), '{:.0%}')} | "
+                             f"{r['steps']} |")
             else:
                 lines.append(f"| {r.get('workers')} | {r.get('error') or r.get('skipped')} |||")
         lines.append("")
-        for setting, need in (p.get("workers_needed") or {}).items():
-            lines.append(f"- one GPU at part 1's 2DRCL {setting} rate ({need['gpu_images_per_s']:.1f} images/s) needs "
-                         f"{need['workers']} workers at {need['per_worker_images_per_s']:.2f} images/s each")
+        for path, need in (p.get("workers_needed") or {}).items():
+            lines.append(f"- one GPU at the synthetic-batch rate ({need['gpu_images_per_s']:.1f} images/s) needs "
+                         f"{need['workers']} workers on the {path} path at {need['per_worker_images_per_s']:.2f} "
+                         "images/s each")
         st = p.get("stages") or {}
         if "seconds" in st:
             lines.append("- one view of one image on one core: "
-                         + ", ".join(f"{k} {v:.3f} s" for k, v in st["seconds"].items())
-                         + f"; expected {st['expected_s_per_image']:.2f} s per image (two views), "
-                         f"{st['blur_share']:.0%} of it in the Gaussian blur")
+                         + ", ".join(f"{k} {v:.4f} s" for k, v in st["seconds"].items())
+                         + f"; expected {st['expected_s_per_image']:.3f} s per image (two views) on the loader path, "
+                         f"{st['photometric_share']:.0%} of it photometric; "
+                         f"{st['expected_s_per_image_device_path']:.3f} s on the device path")
         lines += ["", p.get("note", ""), ""]
     p = parts.get("4")
     if p:
@@ -876,6 +1052,17 @@ def markdown(results: dict) -> str:
                          + " | ".join(_fmt(pr.get(k), "{:.1%}") for k in ("acc", "acc_r", "acc_c", "acc_f"))
                          + f" | {ft.get('iterations', '-')} | {_fmt(ft.get('final_loss'), '{:.3f}')} | "
                          f"{_fmt(ap.get('AP'), '{:.3f}')} | {_fmt(ap.get('APr'), '{:.3f}')} |")
+        if p.get("probe_by_epoch"):
+            final = p.get("probe_pretrained") or {}
+            lines += ["", "Box probe against pre-training length (top-1, percent):", "",
+                      "| epochs | iteration | all | rare | common | frequent |", "|---:|---:|---:|---:|---:|---:|"]
+            random = p.get("probe_random") or {}
+            lines.append("| 0 (random init) | 0 | " + " | ".join(_fmt(random.get(k), "{:.1%}")
+                                                             for k in ("acc", "acc_r", "acc_c", "acc_f")) + " |")
+            for r in p["probe_by_epoch"] + ([{"epochs": pre.get("epochs"), "iteration": pre.get("iterations"), **final}]
+                                            if final and pre else []):
+                lines.append(f"| {_fmt(r.get('epochs'))} | {r.get('iteration')} | "
+                             + " | ".join(_fmt(r.get(k), "{:.1%}") for k in ("acc", "acc_r", "acc_c", "acc_f")) + " |")
         if p.get("ap_note"):
             lines += ["", p["ap_note"]]
         lines += ["", p.get("note", ""), ""]

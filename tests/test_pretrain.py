@@ -101,10 +101,17 @@ def test_encoder_file_is_the_trained_online_encoder(tmp_path, tiny_args, monkeyp
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "run"
-    sets = sum((["--set", a] for a in tiny_args + ["train.health_every=2"]), [])
+    sets = sum((["--set", a] for a in tiny_args + ["train.health_every=2", "train.snapshot_every=3"]), [])
     assert main(["pretrain", "--config", "configs/tiny.yaml", "--out", str(out)] + sets) == 0
     encoder = torch.load(out / "encoder.pt")
     model = _weights(out)
+    # snapshots: the checkpoint as it was at iterations 3 and 6
+    snaps = sorted(p.name for p in (out / "checkpoints").glob("iter_*.pt"))
+    assert snaps == ["iter_0000003.pt", "iter_0000006.pt"]
+    third = load_checkpoint(out / "checkpoints" / "iter_0000003.pt")
+    assert third["iteration"] == 3 and load_checkpoint(out / "checkpoints" / "iter_0000006.pt")["iteration"] == 6
+    name = "online.encoder.backbone.body.conv1.weight"
+    assert not torch.equal(third["model"][name], model[name])
     torch.manual_seed(load_config("configs/tiny.yaml", tiny_args)["seed"])
     init = DRCL(drcl_config(load_config("configs/tiny.yaml", tiny_args))).state_dict()
     assert set(encoder) == {k[len("online.encoder."):] for k in model if k.startswith("online.encoder.")}

@@ -56,6 +56,7 @@ DEFAULTS: dict = {
         "max_iters": 250,
         "batch_size": 4,
         "checkpoint_every": 50,
+        "snapshot_every": 0,
         "log_every": 10,
         "health_every": 25,
         "optimizer": "sgd",

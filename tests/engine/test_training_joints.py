@@ -47,7 +47,7 @@ def _alpha(round_):
 
 def _category_factors(data: dict, alpha: float) -> np.ndarray:
     """r(c) = max(1, sqrt(t / s_a(c))), s_a = 1 / (a / f_img + (1 - a) / f_ins), from the JSON
-    by hand (DESIGN.md section 2), in the file's category order (labels 1..C)."""
+    by hand (docs/method.md, DRB), in the file's category order (labels 1..C)."""
     cats = [c["id"] for c in data["categories"]]
     images = {}
     for a in data["annotations"]:

@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,7 +246,7 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
               f"{task.sampler.mode}, {rounds} rounds of {task.round_iters} iterations"
               + (f"; resuming at iteration {it}" if resume else ""))
 
-    def save():
+    def save(snapshot: bool = False):
         if info.is_main:
             save_checkpoint({
                 "iteration": it, "round": round_, "batches_done": done,
@@ -254,6 +255,8 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
                 "sampler": sampler.state_dict(consumed=done * batch), "rng": rng_state(), "config": cfg,
                 "meta": task.meta or {}, "health": task.health.state_dict() if task.health is not None else None,
             }, ckpt_path)
+            if snapshot:
+                shutil.copyfile(ckpt_path, ckpt_path.with_name(f"iter_{it:07d}.pt"))
 
     gen = torch.Generator()
     bar = tqdm(total=t["max_iters"], initial=it, desc=task.name, unit="it", disable=not info.is_main,
@@ -310,8 +313,9 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
                     logger.log(row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.3g}", img_s=f"{row['images_per_s']:.1f}")
                     tick, images = now, 0
-                if it % t["checkpoint_every"] == 0 or it == t["max_iters"]:
-                    save()
+                snapshot = t["snapshot_every"] > 0 and it % t["snapshot_every"] == 0
+                if it % t["checkpoint_every"] == 0 or it == t["max_iters"] or snapshot:
+                    save(snapshot)
             if done >= task.round_iters:
                 round_, done = round_ + 1, 0
     finally:
