@@ -121,22 +121,78 @@ def test_encoder_file_is_the_trained_online_encoder(tmp_path, tiny_args, monkeyp
     assert "training health" in capsys.readouterr().out
 
 
-def test_torchrun_two_cpu_processes_see_disjoint_samples(tmp_path, tiny_args):
+# rank 1 alone sees a NaN in its 4th step; run as a script in place of `python -m drcl`
+POISONED_RANK = """
+import os, sys
+from drcl.cli import main
+from drcl.model.drcl import DRCL
+forward, calls = DRCL.forward, [0]
+def poisoned(self, *a, **k):
+    out = forward(self, *a, **k)
+    calls[0] += 1
+    if calls[0] == 4 and os.environ["RANK"] == "1":
+        out["lcl"] = out["lcl"] * float("nan")
+    return out
+DRCL.forward = poisoned
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_stop_together_on_one_ranks_nan_and_torchrun_resumes_exactly(tmp_path, tiny_args):
+    """Two CPU processes (gloo). A NaN on rank 1 alone stops both, promptly, with exit code 3
+    (the processes are started by hand: torchrun's agent would kill the survivor and hide its
+    code). Then ``torchrun --nproc_per_node 2 ... --resume`` continues from the checkpoint of
+    iteration 2 and computes iteration 3 exactly as the first run did; the ranks' batches never
+    overlap; the per-term gradient measurement (health_every=1) keeps the ranks in step."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "drcl", "pretrain", "--config", "configs/tiny.yaml", "--out", str(out)]
+    args = ["pretrain", "--config", "configs/tiny.yaml", "--out", str(out)]
     # random sampling: each image at most once per round, so the ranks' batches must not overlap
-    # health_every=1: the per-term gradient measurement must not desynchronise the ranks
-    for a in tiny_args + ["train.max_iters=3", "train.log_image_ids=true", "sampler.mode=random", "train.health_every=1"]:
-        cmd += ["--set", a]
+    for a in tiny_args + ["train.max_iters=4", "train.checkpoint_every=2", "train.log_image_ids=true",
+                          "sampler.mode=random", "train.health_every=1"]:
+        args += ["--set", a]
+    script = tmp_path / "poisoned_rank.py"
+    script.write_text(POISONED_RANK)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=240)[1] for p in procs]  # a rank left waiting would hang here
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [3, 3], errs
+    last = [e.strip().splitlines()[-1] for e in errs]
+    assert "iteration 4: loss term 'lcl' is not finite on rank 1; every process stopped" in last[0], last[0]
+    assert "iteration 4: loss term 'lcl' is nan on this process (rank 1); every process stopped" in last[1], last[1]
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 2
+    first = {r["iter"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(first) == [1, 2, 3]
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "drcl", *args,
+           "--resume"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming at iteration 2" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == [1, 2, 3]  # rank 0 alone writes the log
+    assert [r["iter"] for r in rows] == [1, 2, 3, 4]  # rank 0 alone writes the log, each iteration once
     for r in rows:
         rank0, rank1 = r["image_ids"]
         assert len(rank0) == len(rank1) == 2 and not set(rank0) & set(rank1)
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 3
+    again = rows[2]
+    for key, value in first[3].items():  # iteration 3 again, from the checkpoint: the same batch and numbers
+        if key != "images_per_s":
+            assert again[key] == (value if isinstance(value, list) else pytest.approx(value, abs=1e-5)), key
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 4
 
 
 def test_pretrain_on_an_image_folder_with_proposals(tmp_path, tiny_args, small_data, monkeypatch, capsys):

@@ -53,3 +53,11 @@ def all_gather_objects(obj, info: DistInfo) -> list:
     out = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def any_rank_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise maximum of ``t`` over all processes (``t`` itself in one process)."""
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from drcl.config import dump_config, require
 from drcl.data.annotations import Annotations, load_annotations, load_image_folder
 from drcl.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from drcl.engine.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
+from drcl.engine.distributed import DistInfo, all_gather_objects, any_rank_max, barrier, cleanup, init_distributed
 from drcl.engine.loader import SeededDataset, SeededSampler
 from drcl.sampling import AlphaSchedule, RepeatFactorSampler
 
@@ -266,7 +266,7 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None), \
                         counting[0] if counting else contextlib.nullcontext():
                     result = task.forward(model, data, gen, weights)
-                _check_finite(result, task.terms(result), it, ckpt_path)
+                _check_finite(result, task.terms(result), it, ckpt_path, info)
                 if health is not None:
                     with model.no_sync() if info.distributed else contextlib.nullcontext():
                         health.before_backward(it, result, task.terms(result))
@@ -347,13 +347,32 @@ class IntervalMeans:
         return means
 
 
-def _check_finite(result: dict, terms, it: int, ckpt_path: Path) -> None:
-    for term in terms:
-        value = result[term]
-        if not torch.isfinite(value).all():
-            last = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-            raise NonFiniteLoss(f"iteration {it + 1}: loss term '{term}' is {float(value.detach())}; "
-                                f"stopped before the update, {last}")
+def _check_finite(result: dict, terms, it: int, ckpt_path: Path, info: DistInfo | None = None) -> None:
+    """Raise :class:`NonFiniteLoss` on every process when any process has a NaN or infinite
+    loss term. The processes agree with one all-reduce of a flag per term (the highest rank
+    that saw it), read with one host sync: a process that stopped alone would leave the others
+    waiting in the next collective (DDP's gradient all-reduce) until the backend's timeout, and
+    the exit code 3 would be lost."""
+    if not terms:
+        return
+    rank = info.rank if info is not None else 0
+    local = torch.stack([~torch.isfinite(result[t].detach()).all() for t in terms])
+    seen = local.long() * (rank + 1)
+    if info is not None:
+        seen = any_rank_max(seen, info)
+    seen = seen.tolist()
+    if not any(seen):
+        return
+    i = next(i for i, who in enumerate(seen) if who)
+    term = terms[i]
+    last = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+    if info is None or not info.distributed:
+        raise NonFiniteLoss(f"iteration {it + 1}: loss term '{term}' is {float(result[term].detach())}; "
+                            f"stopped before the update, {last}")
+    where = (f"is {float(result[term].detach())} on this process (rank {rank})" if bool(local[i])
+             else f"is not finite on rank {seen[i] - 1}")
+    raise NonFiniteLoss(f"iteration {it + 1}: loss term '{term}' {where}; every process stopped before the update, "
+                        f"{last}")
 
 
 class _Logger:
