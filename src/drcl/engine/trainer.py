@@ -43,7 +43,8 @@ from tqdm import tqdm
 from drcl.config import dump_config, require
 from drcl.data.annotations import Annotations, load_annotations, load_image_folder
 from drcl.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from drcl.engine.distributed import DistInfo, all_gather_objects, any_rank_max, barrier, cleanup, init_distributed
+from drcl.engine.distributed import (DistInfo, all_gather_objects, any_rank_max, barrier, cleanup, init_distributed,
+                                     wrap_ddp)
 from drcl.engine.loader import SeededDataset, SeededSampler
 from drcl.sampling import AlphaSchedule, RepeatFactorSampler
 
@@ -201,8 +202,7 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
         core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
     model = core
     if info.distributed:
-        model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if cuda else None,
-                                                    find_unused_parameters=task.ddp_unused)
+        model = wrap_ddp(core, device, task.ddp_unused)
     optimizer = build_optimizer(core, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, t))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t["amp"]) if cuda else None
