@@ -39,11 +39,15 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`. CUDA states are restored for the GPUs this process has, the
+    first ``torch.cuda.device_count()`` of them: a run resumed with fewer GPUs visible than
+    the one that saved (``torch.cuda.set_rng_state_all`` fails there) or on none goes on."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def run_weights_path(path: str | os.PathLike) -> Path:
