@@ -297,3 +297,13 @@ def test_cli_detectron2_needs_a_pkl_name_and_says_so_in_one_line(tmp_path, tiny_
     assert main(["export", str(ckpt), "--format", "detectron2", "--out", str(tmp_path / "w.pkl")]) == 0
     with open(tmp_path / "w.pkl", "rb") as f:
         _assert_same(import_weights(pickle.load(f), "detectron2"), _weights(tiny_bn[1]))
+
+
+def test_exports_of_gpu_weights_are_cpu_tensors(tiny_bn):
+    """Weights from a GPU model (stood in by fake 'cuda' tensors) export as CPU tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        gpu = {k: v.to("cuda") for k, v in tiny_bn[1].items()}
+        for fmt in FORMATS:
+            assert {v.device.type for v in export_weights(gpu, fmt).values()} == {"cpu"}, fmt

@@ -227,3 +227,22 @@ def test_image_folder_needs_a_box_source(tmp_path, tiny_args, small_data, monkey
                  *sum((["--set", a] for a in args), [])]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "data.boxes is 'gt' but data.train_json is not set" in err
+
+
+def test_encoder_file_holds_cpu_tensors_when_trained_on_a_gpu(tmp_path, monkeypatch):
+    """encoder.pt must load with a plain torch.load on a machine without the GPU. On the CPU a
+    GPU model is stood in by fake tensors on 'cuda' (FakeTensorMode); torch.save is caught."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from drcl.config import drcl_config, load_config
+    from drcl.model.drcl import DRCL
+    from drcl.pretrain import write_encoder
+
+    model = DRCL(drcl_config(load_config("tiny", ["model.hcl_queue=16", "model.lcl_queue=32"])))
+    saved = {}
+    monkeypatch.setattr(torch, "save", lambda obj, f, **kw: saved.update(obj))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to("cuda")
+        assert next(model.parameters()).device.type == "cuda"
+        write_encoder(model, tmp_path / "encoder.pt")
+    assert len(saved) == 80 and {v.device.type for v in saved.values()} == {"cpu"}

@@ -10,7 +10,7 @@ starts the online encoder from other weights, and the momentum encoder as its co
 checkpoint instead). The loop, checkpoints and logs are :mod:`drcl.engine.trainer`'s; the
 training-health signals and warnings :mod:`drcl.engine.health`'s (also in ``OUT/health.json``
 at the end). At the end ``OUT/encoder.pt`` holds the online encoder under torchvision detector
-keys (backbone, FPN, box head) for fine-tuning.
+keys (backbone, FPN, box head) for fine-tuning, as CPU tensors (:func:`write_encoder`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from drcl.config import ConfigError, drcl_config
 from drcl.data.boxes import ProposalBoxes, RandomBoxes, load_proposals
 from drcl.data.dataset import DetectionDataset
+from drcl.engine.checkpoint import cpu_state_dict, save_checkpoint
 from drcl.engine.distributed import cleanup
 from drcl.engine.health import Health, fixed_batch
 from drcl.engine.trainer import NonFiniteLoss, Task, make_loader, prepare_run, train
@@ -62,6 +63,12 @@ def start_from(model: DRCL, cfg: dict, out_dir, report: bool = True) -> dict:
         print(summary_line(result, ENCODER_PREFIX) + "; momentum encoder: a copy")
         write_report(result, out_dir, momentum="a copy of the online encoder after loading")
     return result
+
+
+def write_encoder(model: DRCL, path) -> None:
+    """Write the online encoder's weights to ``path`` (``OUT/encoder.pt``) as CPU tensors, so
+    that a plain ``torch.load`` reads them on a machine without the GPU they were trained on."""
+    save_checkpoint(cpu_state_dict(model.online.encoder.state_dict()), path)
 
 
 def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dict:
@@ -106,7 +113,7 @@ def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
             return {"momentum": m}
 
         def finish(out):
-            torch.save(model.encoder_state_dict(), out / "encoder.pt")
+            write_encoder(model, out / "encoder.pt")
             print(f"done; checkpoint {ckpt_path}, encoder weights {out / 'encoder.pt'}")
             return {"encoder": str(out / "encoder.pt")}
 

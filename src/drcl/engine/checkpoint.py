@@ -19,6 +19,13 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def cpu_state_dict(state: dict) -> dict:
+    """``state`` with every tensor detached and on the CPU: weights meant for other programs
+    (``encoder.pt``, ``classifier.pt``) load with a plain ``torch.load`` on a machine without
+    the GPU they were trained on."""
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint`; a missing or unreadable file is
     a one-line :class:`DataError`."""
