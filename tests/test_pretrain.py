@@ -98,17 +98,24 @@ def test_encoder_file_is_the_trained_online_encoder(tmp_path, tiny_args, monkeyp
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "run"
-    sets = sum((["--set", a] for a in tiny_args + ["train.health_every=2"]), [])
-    assert main(["pretrain", "--config", "configs/tiny.yaml", "--out", str(out)] + sets) == 0
+    # BatchNorm, so that encoder.pt's statistics are re-estimated: on 4 images = 2 loader batches of 2
+    args = tiny_args + ["train.health_every=2", "model.norm=bn", "train.precise_bn_images=4"]
+    assert main(["pretrain", "--config", "configs/tiny.yaml", "--out", str(out)] + sum((["--set", a] for a in args), [])) == 0
+    assert {v.device.type for v in torch.load(out / "encoder.pt", weights_only=True).values()} == {"cpu"}
     encoder = torch.load(out / "encoder.pt")
     model = _weights(out)
-    torch.manual_seed(load_config("configs/tiny.yaml", tiny_args)["seed"])
-    init = DRCL(drcl_config(load_config("configs/tiny.yaml", tiny_args))).state_dict()
+    torch.manual_seed(load_config("configs/tiny.yaml", args)["seed"])
+    init = DRCL(drcl_config(load_config("configs/tiny.yaml", args))).state_dict()
     assert set(encoder) == {k[len("online.encoder."):] for k in model if k.startswith("online.encoder.")}
-    for name in ("backbone.body.conv1.weight", "backbone.fpn.layer_blocks.0.0.weight", "roi_heads.box_head.fc6.weight"):
+    for name in ("backbone.body.conv1.weight", "backbone.fpn.layer_blocks.0.0.weight", "roi_heads.box_head.fc6.weight",
+                 "backbone.body.bn1.weight"):
         assert torch.equal(encoder[name], model[f"online.encoder.{name}"]), name  # the online encoder
         assert not torch.equal(encoder[name], init[f"online.encoder.{name}"]), name  # it moved in 6 steps
         assert not torch.equal(encoder[name], model[f"momentum.encoder.{name}"]), name  # not the key encoder
+    # its BatchNorm statistics are new (PreciseBN over 2 clean loader batches; tests/engine/test_precise_bn.py
+    # checks their values), the checkpoint keeps the training ones
+    assert int(encoder["backbone.body.bn1.num_batches_tracked"]) == 2
+    assert not torch.allclose(encoder["backbone.body.bn1.running_var"], model["online.encoder.backbone.body.bn1.running_var"])
     # training health: per-term signals in the log, the summary printed and saved
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for key in ("hcl_chance", "hcl_gap", "hcl_batch_gap", "lcl_gap", "grad_norm", "clipped", "box_cos", "box_erank",
@@ -118,7 +125,8 @@ def test_encoder_file_is_the_trained_online_encoder(tmp_path, tiny_args, monkeyp
     assert rows[-1]["hcl_chance"] == pytest.approx(math.log(18), abs=0.3)
     health = json.loads((out / "health.json").read_text())
     assert health["reference"]["box_cos"] != health["window"]["box_cos"]  # measured again after the start
-    assert "training health" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "training health" in printed and "(BatchNorm statistics from the clean views of 4 images)" in printed
 
 
 # rank 1 alone sees a NaN in its 4th step; run as a script in place of `python -m drcl`

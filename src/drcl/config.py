@@ -57,6 +57,7 @@ DEFAULTS: dict = {
         "checkpoint_every": 50,
         "log_every": 10,
         "health_every": 25,
+        "precise_bn_images": 512,
         "optimizer": "sgd",
         "lr": 0.03,
         "momentum": 0.9,
@@ -237,6 +238,9 @@ def _check_whole(cfg: dict, source: str) -> None:
     if not (len(scale) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
             and 0.0 < scale[0] <= scale[1] <= 1.0):
         raise ConfigError(f"{source}: key 'data.crop_scale' must be [low, high] with 0 < low <= high <= 1, got {scale!r}")
+    if cfg["train"]["precise_bn_images"] < 0:
+        raise ConfigError(f"{source}: key 'train.precise_bn_images' must be >= 0 (0: off), got "
+                          f"{cfg['train']['precise_bn_images']}")
     if cfg["train"]["health_every"] < 0:
         raise ConfigError(f"{source}: key 'train.health_every' must be >= 0 (0: off), got {cfg['train']['health_every']}")
     if not 0.0 <= cfg["sampler"]["alpha_start"] <= 1.0 or not 0.0 <= cfg["sampler"]["alpha_end"] <= 1.0:

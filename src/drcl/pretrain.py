@@ -10,13 +10,16 @@ starts the online encoder from other weights, and the momentum encoder as its co
 checkpoint instead). The loop, checkpoints and logs are :mod:`drcl.engine.trainer`'s; the
 training-health signals and warnings :mod:`drcl.engine.health`'s (also in ``OUT/health.json``
 at the end). At the end ``OUT/encoder.pt`` holds the online encoder under torchvision detector
-keys (backbone, FPN, box head) for fine-tuning, as CPU tensors (:func:`write_encoder`).
+keys (backbone, FPN, box head) for fine-tuning, as CPU tensors, with its BatchNorm statistics
+re-estimated on clean views (:func:`write_encoder`).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from tqdm import tqdm
@@ -27,6 +30,7 @@ from drcl.data.dataset import DetectionDataset
 from drcl.engine.checkpoint import cpu_state_dict, save_checkpoint
 from drcl.engine.distributed import cleanup
 from drcl.engine.health import Health, fixed_batch
+from drcl.engine.precise_bn import batchnorm_layers, update_bn_stats, without_sync_bn
 from drcl.engine.trainer import NonFiniteLoss, Task, make_loader, prepare_run, train
 from drcl.model.drcl import DRCL, ENCODER_PREFIX, TERMS
 from drcl.model.memory import momentum_at
@@ -65,10 +69,32 @@ def start_from(model: DRCL, cfg: dict, out_dir, report: bool = True) -> dict:
     return result
 
 
-def write_encoder(model: DRCL, path) -> None:
-    """Write the online encoder's weights to ``path`` (``OUT/encoder.pt``) as CPU tensors, so
-    that a plain ``torch.load`` reads them on a machine without the GPU they were trained on."""
-    save_checkpoint(cpu_state_dict(model.online.encoder.state_dict()), path)
+def write_encoder(model: DRCL, path, batches: Iterable = (), images: int = 0) -> int:
+    """Write the online encoder's weights to ``path`` (``OUT/encoder.pt``) as CPU tensors.
+
+    When the encoder has BatchNorm layers, their running statistics are first re-estimated
+    (:func:`~drcl.engine.precise_bn.update_bn_stats`, on a copy: the model keeps its own) from
+    the clean, unmasked views of the first ``images`` images of ``batches`` (two-view batches
+    as the training loader gives them; both views, normalised as in training): the online
+    encoder saw only masked views in training, and its statistics are what fine-tuning
+    freezes. A copy with SyncBatchNorm gets plain BatchNorm, so rank 0 alone can run it.
+    Returns the number of images used (0: GroupNorm or FrozenBatchNorm2d, nothing to do)."""
+    encoder, used = model.online.encoder, 0
+    if images > 0 and batchnorm_layers(encoder):
+        encoder = without_sync_bn(copy.deepcopy(encoder))
+        device = next(encoder.parameters()).device
+
+        def clean_views():
+            nonlocal used
+            for images1, images2, _, _ in batches:
+                if used >= images:
+                    return
+                used += images1.shape[0]
+                yield (torch.cat([images1, images2]).to(device) - model.mean) / model.std
+
+        update_bn_stats(encoder, clean_views(), lambda x: encoder(x, fpn=False))
+    save_checkpoint(cpu_state_dict(encoder.state_dict()), path)
+    return used
 
 
 def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dict:
@@ -113,9 +139,10 @@ def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
             return {"momentum": m}
 
         def finish(out):
-            write_encoder(model, out / "encoder.pt")
-            print(f"done; checkpoint {ckpt_path}, encoder weights {out / 'encoder.pt'}")
-            return {"encoder": str(out / "encoder.pt")}
+            used = write_encoder(model, out / "encoder.pt", loader, t["precise_bn_images"])
+            stats = f" (BatchNorm statistics from the clean views of {used} images)" if used else ""
+            print(f"done; checkpoint {ckpt_path}, encoder weights {out / 'encoder.pt'}{stats}")
+            return {"encoder": str(out / "encoder.pt"), "precise_bn_images": used}
 
         task = Task("pretrain", model, ann, sampler, loader, round_iters, _forward,
                     terms=lambda result: [k for k in TERMS if k in result], after_step=after_step, finish=finish,
