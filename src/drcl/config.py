@@ -60,6 +60,7 @@ DEFAULTS: dict = {
         "precise_bn_images": 512,
         "optimizer": "sgd",
         "lr": 0.03,
+        "reference_batch": 0,
         "momentum": 0.9,
         "weight_decay": 1e-4,
         "warmup_iters": 20,
@@ -238,6 +239,9 @@ def _check_whole(cfg: dict, source: str) -> None:
     if not (len(scale) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
             and 0.0 < scale[0] <= scale[1] <= 1.0):
         raise ConfigError(f"{source}: key 'data.crop_scale' must be [low, high] with 0 < low <= high <= 1, got {scale!r}")
+    if cfg["train"]["reference_batch"] < 0:
+        raise ConfigError(f"{source}: key 'train.reference_batch' must be >= 0 (0: train.lr as given), got "
+                          f"{cfg['train']['reference_batch']}")
     if cfg["train"]["precise_bn_images"] < 0:
         raise ConfigError(f"{source}: key 'train.precise_bn_images' must be >= 0 (0: off), got "
                           f"{cfg['train']['precise_bn_images']}")

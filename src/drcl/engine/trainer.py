@@ -83,11 +83,30 @@ def lr_factor(it: int, train: dict) -> float:
     return train["lr_gamma"] ** sum(it >= f * train["max_iters"] for f in train["lr_steps"])
 
 
-def build_optimizer(model: nn.Module, train: dict):
+def scaled_lr(train: dict, world_size: int) -> float:
+    """The peak learning rate in use: ``train.lr`` x global batch / ``train.reference_batch``
+    (the linear scaling rule, Goyal et al. 2017), so that a config's rate follows the number of
+    processes; ``train.lr`` as given when ``reference_batch`` is 0."""
+    ref = train["reference_batch"]
+    return train["lr"] * train["batch_size"] * world_size / ref if ref else train["lr"]
+
+
+def lr_line(train: dict, world_size: int) -> str:
+    """One line: the global batch and the peak learning rate in use, and where it comes from."""
+    batch, ref = train["batch_size"], train["reference_batch"]
+    how = (f"train.lr {train['lr']:g} x {batch * world_size} / train.reference_batch {ref}" if ref
+           else "train.lr, not scaled: train.reference_batch is 0")
+    return (f"global batch {batch * world_size} ({batch} per process x {world_size} "
+            f"process{'es' if world_size > 1 else ''}); peak lr {scaled_lr(train, world_size):.6g} ({how})")
+
+
+def build_optimizer(model: nn.Module, train: dict, lr: float | None = None):
+    """SGD or AdamW over the trainable parameters at ``lr`` (``train.lr`` when None)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    lr = train["lr"] if lr is None else lr
     if train["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=train["lr"], momentum=train["momentum"], weight_decay=train["weight_decay"])
-    return torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
+        return torch.optim.SGD(params, lr=lr, momentum=train["momentum"], weight_decay=train["weight_decay"])
+    return torch.optim.AdamW(params, lr=lr, weight_decay=train["weight_decay"])
 
 
 def prepare_run(cfg: dict, out_dir, resume: bool, images_only: bool = False, segmentations: bool = False):
@@ -203,7 +222,7 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
     model = core
     if info.distributed:
         model = wrap_ddp(core, device, task.ddp_unused)
-    optimizer = build_optimizer(core, t)
+    optimizer = build_optimizer(core, t, scaled_lr(t, info.world_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, t))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t["amp"]) if cuda else None
     if t["amp"] != "none" and not cuda and info.is_main:
@@ -236,6 +255,7 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
               f"({info.world_size} process{'es' if info.world_size > 1 else ''}, {device}); sampler "
               f"{task.sampler.mode}, {rounds} rounds of {task.round_iters} iterations"
               + (f"; resuming at iteration {it}" if resume else ""))
+        print(lr_line(t, info.world_size))
 
     def save():
         if info.is_main:
