@@ -41,7 +41,7 @@ def test_flops_per_iter_counts_one_forward_and_backward(tmp_path, tiny_cfg):
         def start(self):
             pass
 
-        def before_backward(self, it, result, terms):
+        def before_backward(self, it, result, terms, scale=None):
             torch.randn(50, 50, requires_grad=True).matmul(torch.randn(50, 50)).sum().backward()
 
         def after_step(self, it):

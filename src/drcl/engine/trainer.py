@@ -289,7 +289,7 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
                 _check_finite(result, task.terms(result), it, ckpt_path, info)
                 if health is not None:
                     with model.no_sync() if info.distributed else contextlib.nullcontext():
-                        health.before_backward(it, result, task.terms(result))
+                        health.before_backward(it, result, task.terms(result), scale=scaler.scale)
                 optimizer.zero_grad(set_to_none=True)
                 with counting[1] if counting else contextlib.nullcontext():
                     scaler.scale(result["loss"]).backward()
