@@ -50,7 +50,7 @@ DEFAULTS: dict = {
         "schedule_steps": 4,
         "updates": 20,
     },
-    "model": {**{f.name: f.default for f in fields(DRCLConfig)}, "masks": False, "init": None},
+    "model": {**{f.name: f.default for f in fields(DRCLConfig)}, "masks": False, "init": None, "init_style": "auto"},
     "train": {
         "max_iters": 250,
         "batch_size": 4,
@@ -91,6 +91,7 @@ CHOICES = {
     "model.preset": ("tiny", "r50-fpn", "r101-fpn"),
     "model.norm": ("bn", "gn", "frozen_bn"),
     "model.ar_loss": ("l1", "mse"),
+    "model.init_style": ("auto", "pytorch"),
     "train.optimizer": ("sgd", "adamw"),
     "train.lr_schedule": ("cosine", "step"),
     "train.amp": ("none", "bf16", "fp16"),

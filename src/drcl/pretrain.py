@@ -61,7 +61,8 @@ def start_from(model: DRCL, cfg: dict, out_dir, report: bool = True) -> dict:
     """Load ``model.init`` into the online encoder, copy it into the momentum encoder, print
     one line and write ``OUT/init.json`` (when ``report``)."""
     m = cfg["model"]
-    result = init_model(model, m["init"], m["preset"], m["norm"], prefix=ENCODER_PREFIX, skip=("momentum.",))
+    result = init_model(model, m["init"], m["preset"], m["norm"], prefix=ENCODER_PREFIX, skip=("momentum.",),
+                        style=m["init_style"])
     model.reset_momentum()
     if report:
         print(summary_line(result, ENCODER_PREFIX) + "; momentum encoder: a copy")
