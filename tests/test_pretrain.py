@@ -127,6 +127,7 @@ def test_encoder_file_is_the_trained_online_encoder(tmp_path, tiny_args, monkeyp
     assert health["reference"]["box_cos"] != health["window"]["box_cos"]  # measured again after the start
     printed = capsys.readouterr().out
     assert "training health" in printed and "(BatchNorm statistics from the clean views of 4 images)" in printed
+    assert "HCL queue 16 keys = 4 steps at 4 a step (key age / momentum horizon 0.04)" in printed
 
 
 # rank 1 alone sees a NaN in its 4th step; run as a script in place of `python -m drcl`
@@ -254,3 +255,17 @@ def test_encoder_file_holds_cpu_tensors_when_trained_on_a_gpu(tmp_path, monkeypa
         assert next(model.parameters()).device.type == "cuda"
         write_encoder(model, tmp_path / "encoder.pt")
     assert len(saved) == 80 and {v.device.type for v in saved.values()} == {"cpu"}
+
+
+def test_the_start_line_gives_each_queues_key_age_against_the_momentum_horizon():
+    from drcl.config import load_config
+    from drcl.pretrain import queue_line
+
+    assert queue_line(load_config("lvis_r50"), 8) == (
+        "HCL queue 8,192 keys = 64 steps at 128 a step (key age / momentum horizon 0.26); LCL queue 65,536 box keys "
+        "= 64 steps at 1,024 a step at 8 boxes per image (key age / momentum horizon 0.26); the momentum encoder "
+        "averages over ~250 steps at the start (train.momentum_base 0.996)")
+    # the same config on 2 GPUs: keys four times older
+    assert "HCL queue 8,192 keys = 256 steps at 32 a step (key age / momentum horizon 1.02)" in \
+        queue_line(load_config("lvis_r50"), 2)
+    assert queue_line(load_config("lvis_r50", ["model.hcl=false", "model.lcl=false"]), 8) is None

@@ -33,7 +33,7 @@ from drcl.engine.health import Health, fixed_batch
 from drcl.engine.precise_bn import batchnorm_layers, update_bn_stats, without_sync_bn
 from drcl.engine.trainer import NonFiniteLoss, Task, make_loader, prepare_run, train
 from drcl.model.drcl import DRCL, ENCODER_PREFIX, TERMS
-from drcl.model.memory import momentum_at
+from drcl.model.memory import momentum_at, staleness
 from drcl.views import TwoViewTransform, collate_views
 from drcl.weights import init_model, summary_line, write_report
 
@@ -98,6 +98,26 @@ def write_encoder(model: DRCL, path, batches: Iterable = (), images: int = 0) ->
     return used
 
 
+def queue_line(cfg: dict, world_size: int) -> str | None:
+    """One line on the queues' staleness at this batch and number of processes: each queue's
+    oldest key in steps (both views of every image enter each step, gathered over processes;
+    LCL at ``model.boxes_per_image`` boxes each, fewer boxes make its keys older) against the
+    momentum encoder's horizon at the start (:func:`~drcl.model.memory.staleness`)."""
+    m, t = cfg["model"], cfg["train"]
+    keys = 2 * t["batch_size"] * world_size
+    parts = []
+    for term, per_image, what in (("hcl", 1, "keys"), ("lcl", m["boxes_per_image"], "box keys")):
+        if m[term]:
+            age, horizon = staleness(m[f"{term}_queue"], keys * per_image, t["momentum_base"])
+            extra = f" at {per_image} boxes per image" if term == "lcl" else ""
+            parts.append(f"{term.upper()} queue {m[f'{term}_queue']:,} {what} = {age:.0f} steps at {keys * per_image:,} "
+                         f"a step{extra} (key age / momentum horizon {age / horizon:.2f})")
+    if not parts:
+        return None
+    return (f"{'; '.join(parts)}; the momentum encoder averages over ~{horizon:.0f} steps at the start "
+            f"(train.momentum_base {t['momentum_base']:g})")
+
+
 def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dict:
     """Run (or resume) pre-training into ``out_dir``: ``config.yaml``, ``metrics.jsonl``,
     ``tb/``, ``checkpoints/last.pt`` and, at the end, ``encoder.pt``."""
@@ -123,6 +143,8 @@ def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
         dataset = DetectionDataset(ann, transforms=_Compose(source, views), masks=False)
         sampler, loader, round_iters = make_loader(cfg, ann, dataset, collate_views, info)
         model = DRCL(drcl_config(cfg))
+        if info.is_main and queue_line(cfg, info.world_size):
+            print(queue_line(cfg, info.world_size))
         if cfg["model"]["init"] and not resume:  # a resumed run continues from its checkpoint
             start_from(model, cfg, out_dir, info.is_main)
         model.to(device)
