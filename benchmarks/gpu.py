@@ -15,7 +15,10 @@ used, reporting how many steps it measured.
    per step (``torch.utils.flop_counter``: forward of both encoders + backward, counted once per
    model on one step; they do not depend on dtype or memory format) and MFU against the GPU's
    dense bf16 peak, in fp32, bf16 autocast and bf16 + channels_last (the config's setting), plus
-   that setting with the batch copied from host memory each step as the training loop does.
+   that setting with the batch copied from host memory each step as the training loop does, and
+   with the training-health probe (:class:`drcl.engine.health.Health`: one extra backward per
+   term, the box-embedding spread of 16 images) on every step: its cost per probe, and so the
+   overhead at ``train.health_every`` 25 and 250.
    Each step is the training loop's (:func:`drcl.engine.trainer.train`): autocast forward, the
    NaN check, backward, gradient norm, SGD step, LR schedule, momentum update. On CUDA one extra
    step runs under ``torch.cuda.set_sync_debug_mode`` to count host-device syncs per step.
@@ -67,7 +70,7 @@ from drcl.atomic import atomic_write, write_json
 # --------------------------------------------------------------------------- sizes
 
 FULL = {
-    "preset": "r50-fpn", "size": 800, "batch": 8, "boxes": 8, "warmup": 3, "steps": 10,
+    "preset": "r50-fpn", "size": 800, "batch": 8, "boxes": 8, "warmup": 3, "steps": 10, "probe_images": 16,
     "ft_size": (800, 1066), "ft_batches": (2, 8), "ft_classes": 1203,
     "p3_images": 64, "p3_size": 800, "p3_batch": 1, "p3_workers": (1, 12, 4),
     "p4_train": 5000, "p4_val": 1000, "p4_classes": 40, "p4_size": 160, "p4_batch": 64,
@@ -76,13 +79,15 @@ FULL = {
     "budget": 400.0,
 }
 SMOKE = {
-    "preset": "tiny", "size": 64, "batch": 2, "boxes": 8, "warmup": 0, "steps": 2,
+    "preset": "tiny", "size": 64, "batch": 2, "boxes": 8, "warmup": 0, "steps": 2, "probe_images": 2,
     "ft_size": (64, 80), "ft_batches": (1, 2), "ft_classes": 8,
     "p3_images": 16, "p3_size": 64, "p3_batch": 4, "p3_workers": (0, 1),
     "p4_train": 32, "p4_val": 16, "p4_classes": 8, "p4_size": 64, "p4_batch": 4, "p4_workers": 0,
     "p4_warm_iters": 2, "p4_min_iters": 2, "p4_max_iters": 4, "p4_ft_iters": 2, "p4_ft_batch": 2,
     "budget": 70.0,
 }
+#: Part 1's row with the training-health probe on every step.
+HEALTH_SETTING = "bf16+channels_last, health probe every step"
 #: Share of the budget per part (normalised over the parts run).
 WEIGHTS = {1: 75, 2: 35, 3: 60, 4: 230}
 
@@ -237,8 +242,9 @@ def count_syncs(fn) -> dict:
 
 
 def pretrain_step_config(cfg: dict, device: torch.device, s: dict, amp_dtype, channels_last: bool, host_batch: bool,
-                         deadline: float, count_flops: bool, syncs: bool) -> dict:
-    """Build the module, then warm-up and timed training steps; see the module docstring."""
+                         deadline: float, count_flops: bool, syncs: bool, probe: bool = False) -> dict:
+    """Build the module, then warm-up and timed training steps; see the module docstring.
+    ``probe``: the training-health probe on every step, as ``train.health_every: 1``."""
     from drcl.config import drcl_config
     from drcl.engine.trainer import _check_finite, _to, build_optimizer, lr_factor
     from drcl.model.drcl import DRCL, TERMS
@@ -258,7 +264,14 @@ def pretrain_step_config(cfg: dict, device: torch.device, s: dict, amp_dtype, ch
     weights = torch.linspace(1, 5, 19, device=device)
     gen = torch.Generator()
     record = {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none", "channels_last": channels_last,
-              "batch_from_host": host_batch}
+              "batch_from_host": host_batch, "health_probe": probe}
+    health = None
+    if probe:
+        from drcl.engine.health import Health
+
+        x, _, targets, _ = views_batch(s["probe_images"], s["size"], s["boxes"], seed=2)  # training's: 16 images
+        health = Health(model, (x, [t["boxes"] for t in targets]), every=1, warmup=0, max_iters=t["max_iters"],
+                        say=lambda text: None)
 
     def forward_backward(it):
         x1, x2, t1, t2 = _to(cpu_batch, device) if host_batch else dev_batch
@@ -266,6 +279,8 @@ def pretrain_step_config(cfg: dict, device: torch.device, s: dict, amp_dtype, ch
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             result = model(x1, x2, t1, t2, weights, gen)
         _check_finite(result, [k for k in TERMS if k in result], it, Path("no-checkpoint"))
+        if health is not None:
+            health.before_backward(it, result, [k for k in TERMS if k in result])
         optimizer.zero_grad(set_to_none=True)
         result["loss"].backward()
         return result
@@ -276,6 +291,8 @@ def pretrain_step_config(cfg: dict, device: torch.device, s: dict, amp_dtype, ch
         optimizer.step()
         scheduler.step()
         model.momentum_update(momentum_at(it / t["max_iters"], t["momentum_base"]))
+        if health is not None:
+            health.after_step(it)
 
     it = 0
     if count_flops:
@@ -320,11 +337,12 @@ def part1(ctx, res: dict, deadline: float) -> None:
     models = {"2DRCL": load_config("lvis_r50", over), "HCL only": load_config("lvis_r50", over + hcl_only)}
     bf16 = torch.bfloat16
     # the config's own setting (bf16 + channels_last) first, so a short budget still measures it
-    configs = [("2DRCL", "bf16+channels_last", bf16, True, False),
-               ("HCL only", "bf16+channels_last", bf16, True, False),
-               ("2DRCL", "bf16", bf16, False, False), ("HCL only", "bf16", bf16, False, False),
-               ("2DRCL", "fp32", None, False, False), ("HCL only", "fp32", None, False, False),
-               ("2DRCL", "bf16+channels_last, batch from host", bf16, True, True)]
+    configs = [("2DRCL", "bf16+channels_last", bf16, True, False, False),
+               ("HCL only", "bf16+channels_last", bf16, True, False, False),
+               ("2DRCL", "bf16", bf16, False, False, False), ("HCL only", "bf16", bf16, False, False, False),
+               ("2DRCL", "fp32", None, False, False, False), ("HCL only", "fp32", None, False, False, False),
+               ("2DRCL", "bf16+channels_last, batch from host", bf16, True, True, False),
+               ("2DRCL", HEALTH_SETTING, bf16, True, False, True)]
     m = models["2DRCL"]["model"]
     res.update(preset=s["preset"], norm=m["norm"], image_size=s["size"], batch=s["batch"], boxes_per_image=s["boxes"],
                hcl_queue=m["hcl_queue"], lcl_queue=m["lcl_queue"], bf16_peak_flops=bf16_peak(device),
@@ -333,7 +351,7 @@ def part1(ctx, res: dict, deadline: float) -> None:
                      "online forward + backward, once per model; MFU is against the dense bf16 peak for every row"),
                rows=[])
     flops = {}
-    for k, (name, setting, amp_dtype, cl, host) in enumerate(configs):
+    for k, (name, setting, amp_dtype, cl, host, probe) in enumerate(configs):
         left = deadline - time.perf_counter()
         if left <= 0 and not ctx.smoke:  # the smoke run measures every configuration
             res["rows"].append({"model": name, "setting": setting, "skipped": "budget used"})
@@ -341,7 +359,8 @@ def part1(ctx, res: dict, deadline: float) -> None:
         share = time.perf_counter() + left / (len(configs) - k)
         say(f"part 1: {name}, {setting} ...")
         try:
-            row = pretrain_step_config(models[name], device, s, amp_dtype, cl, host, share, name not in flops, k == 0)
+            row = pretrain_step_config(models[name], device, s, amp_dtype, cl, host, share, name not in flops, k == 0,
+                                       probe)
         except Exception as e:
             row = error_record(e)
             say(f"part 1: {name}, {setting}: {row['error']}")
@@ -365,6 +384,12 @@ def part1(ctx, res: dict, deadline: float) -> None:
                                   for _, st, *_ in configs if rate.get(("HCL only", st)) and rate.get(("2DRCL", st))}
     if flops.get("2DRCL") and flops.get("HCL only"):
         res["2drcl_over_hcl_flops"] = flops["2DRCL"] / flops["HCL only"]
+    base, probed = (next((r for r in res["rows"] if r.get("setting") == st and "s_per_step" in r), None)
+                    for st in ("bf16+channels_last", HEALTH_SETTING))
+    if base and probed:  # a probe's own cost, and what it adds at the configs' intervals
+        per_probe = probed["s_per_step"] - base["s_per_step"]
+        res["health_probe"] = {"s_per_probe": per_probe,
+                               "overhead_at": {n: per_probe / n / base["s_per_step"] for n in (25, 250)}}
 
 
 # --------------------------------------------------------------------------- part 2: fine-tuning step
@@ -813,6 +838,10 @@ def markdown(results: dict) -> str:
             lines += ["", "2DRCL step time / HCL-only step time: "
                       + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items())
                       + (f"; FLOPs {p['2drcl_over_hcl_flops']:.2f}x" if p.get("2drcl_over_hcl_flops") else "")]
+        probe = p.get("health_probe")
+        if probe:
+            lines += ["", f"Health probe: {probe['s_per_probe']:.3f} s each; step-time overhead "
+                      + ", ".join(f"{v:.1%} at train.health_every {n}" for n, v in probe["overhead_at"].items())]
         syncs = next((r["syncs_per_step"] for r in p.get("rows", []) if "syncs_per_step" in r), None)
         if syncs and "count" in syncs:
             lines += ["", f"Host-device syncs in one 2DRCL step: {syncs['count']} ("

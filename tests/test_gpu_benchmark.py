@@ -30,7 +30,7 @@ def test_gpu_run_smoke(tmp_path):
     rows = parts["1"]["rows"]
     assert {(r["model"], r["setting"]) for r in rows} == (
         {("2DRCL", s) for s in SETTINGS} | {("HCL only", s) for s in SETTINGS}
-        | {("2DRCL", "bf16+channels_last, batch from host")})
+        | {("2DRCL", "bf16+channels_last, batch from host"), ("2DRCL", "bf16+channels_last, health probe every step")})
     for r in rows:
         assert "error" not in r and "skipped" not in r, r
         assert r["images_per_s"] > 0 and r["steps"] >= 1 and r["s_per_step"] > 0
@@ -39,6 +39,7 @@ def test_gpu_run_smoke(tmp_path):
     assert flops["2DRCL"] > flops["HCL only"] > 0
     assert parts["1"]["2drcl_over_hcl_flops"] > 1
     assert set(parts["1"]["2drcl_over_hcl_time"]) >= SETTINGS
+    assert set(parts["1"]["health_probe"]["overhead_at"]) == {"25", "250"}  # JSON keys
 
     # 2: Mask R-CNN steps at both batch sizes
     rows = parts["2"]["rows"]
