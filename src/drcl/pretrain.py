@@ -143,8 +143,9 @@ def pretrain(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
         dataset = DetectionDataset(ann, transforms=_Compose(source, views), masks=False)
         sampler, loader, round_iters = make_loader(cfg, ann, dataset, collate_views, info)
         model = DRCL(drcl_config(cfg))
-        if info.is_main and queue_line(cfg, info.world_size):
-            print(queue_line(cfg, info.world_size))
+        line = queue_line(cfg, info.world_size)
+        if info.is_main and line:
+            print(line)
         if cfg["model"]["init"] and not resume:  # a resumed run continues from its checkpoint
             start_from(model, cfg, out_dir, info.is_main)
         model.to(device)
