@@ -70,7 +70,7 @@ from drcl.atomic import atomic_write, write_json
 # --------------------------------------------------------------------------- sizes
 
 FULL = {
-    "preset": "r50-fpn", "size": 800, "batch": 8, "boxes": 8, "warmup": 3, "steps": 10, "probe_images": 16,
+    "preset": "r50-fpn", "size": 800, "batch": 8, "boxes": 8, "warmup": 3, "steps": 10, "probe_images": 16, "probe_steps": 10,
     "ft_size": (800, 1066), "ft_batches": (2, 8), "ft_classes": 1203,
     "p3_images": 64, "p3_size": 800, "p3_batch": 1, "p3_workers": (1, 12, 4),
     "p4_train": 5000, "p4_val": 1000, "p4_classes": 40, "p4_size": 160, "p4_batch": 64,
@@ -79,7 +79,7 @@ FULL = {
     "budget": 400.0,
 }
 SMOKE = {
-    "preset": "tiny", "size": 64, "batch": 2, "boxes": 8, "warmup": 0, "steps": 2, "probe_images": 2,
+    "preset": "tiny", "size": 64, "batch": 2, "boxes": 8, "warmup": 0, "steps": 2, "probe_images": 2, "probe_steps": 1,
     "ft_size": (64, 80), "ft_batches": (1, 2), "ft_classes": 8,
     "p3_images": 16, "p3_size": 64, "p3_batch": 4, "p3_workers": (0, 1),
     "p4_train": 32, "p4_val": 16, "p4_classes": 8, "p4_size": 64, "p4_batch": 4, "p4_workers": 0,
@@ -309,8 +309,8 @@ def pretrain_step_config(cfg: dict, device: torch.device, s: dict, amp_dtype, ch
         it += 1
     sync(device)
     record["warmup_s"] = time.perf_counter() - start
-    n, start = 0, time.perf_counter()
-    while n < s["steps"] and (n == 0 or time.perf_counter() < deadline):
+    n, start, steps = 0, time.perf_counter(), s["probe_steps"] if probe else s["steps"]
+    while n < steps and (n == 0 or time.perf_counter() < deadline):
         step(it)
         it, n = it + 1, n + 1
     sync(device)
