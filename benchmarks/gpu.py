@@ -18,7 +18,10 @@ used, reporting how many steps it measured.
    dense bf16 peak, in fp32, bf16 autocast and bf16 + channels_last (the config's setting); that
    setting with the batch copied from pinned host memory each step as the training loop does,
    with and without the views' photometric half applied in the step (``data.photometric:
-   device``); and what could raise MFU: fused SGD, twice the batch. Each step is the training
+   device``); what could raise MFU: fused SGD, twice the batch; and the training-health probe
+   (:class:`drcl.engine.health.Health`: one extra backward per term, the box-embedding spread of
+   16 images) on every step: its cost per probe, and so the overhead at ``train.health_every`` 25
+   and 250. Each step is the training
    loop's (:func:`drcl.engine.trainer.train`): the views finished on the device, autocast
    forward, the NaN check, backward, gradient norm, SGD step, LR schedule, momentum update; the
    targets stay on the host, as the loop keeps them. On CUDA one extra step runs under
@@ -77,7 +80,8 @@ from drcl.atomic import atomic_write, write_json
 # --------------------------------------------------------------------------- sizes
 
 FULL = {
-    "preset": "r50-fpn", "size": 800, "batch": 8, "boxes": 8, "warmup": 3, "steps": 10,
+    "preset": "r50-fpn", "size": 800, "batch": 8, "boxes": 8, "warmup": 3, "steps": 10, "probe_images": 16,
+    "probe_steps": 10,
     "ft_size": (800, 1066), "ft_batches": (2, 8), "ft_classes": 1203,
     "p3_images": 64, "p3_size": 800, "p3_batch": 1, "p3_workers": (1, 12, 4), "p3_fed_workers": (12, 8, 4),
     "p3_fed_warmup": 6,
@@ -87,7 +91,8 @@ FULL = {
     "budget": 420.0, "p4_epochs": 100, "p4_probes": 4,
 }
 SMOKE = {
-    "preset": "tiny", "size": 64, "batch": 2, "boxes": 8, "warmup": 0, "steps": 2,
+    "preset": "tiny", "size": 64, "batch": 2, "boxes": 8, "warmup": 0, "steps": 2, "probe_images": 2,
+    "probe_steps": 1,
     "ft_size": (64, 80), "ft_batches": (1, 2), "ft_classes": 8,
     "p3_images": 16, "p3_size": 64, "p3_batch": 4, "p3_workers": (0, 1), "p3_fed_workers": (1,),
     "p3_fed_warmup": 1,
@@ -267,7 +272,7 @@ class PretrainStep:
     gives them: pixels to move (pinned, queued copies), targets that stay on the host."""
 
     def __init__(self, cfg: dict, device: torch.device, amp_dtype, channels_last: bool, fused: bool = False,
-                 size: int = 800):
+                 size: int = 800, probe=None):
         from drcl.config import drcl_config
         from drcl.engine.trainer import build_optimizer, lr_factor
         from drcl.model.drcl import DRCL
@@ -289,6 +294,12 @@ class PretrainStep:
         self.views = TwoViewTransform(size=size, photometric="device")  # finish() leaves float views as they are
         self.weights = torch.linspace(1, 5, 19, device=device)
         self.gen = torch.Generator()
+        self.health = None
+        if probe is not None:  # (images, boxes): the training-health probe on every step, as train.health_every 1
+            from drcl.engine.health import Health
+
+            self.health = Health(self.model, probe, every=1, warmup=0, max_iters=self.t["max_iters"],
+                                 say=lambda text: None)
 
     def to_device(self, batch):
         from drcl.pretrain import _images_to_device
@@ -303,7 +314,10 @@ class PretrainStep:
         self.gen.manual_seed(it)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             result = self.model(x1, x2, t1, t2, self.weights, self.gen)
-        _check_finite(result, [k for k in TERMS if k in result], it, Path("no-checkpoint"))
+        terms = [k for k in TERMS if k in result]
+        _check_finite(result, terms, it, Path("no-checkpoint"))
+        if self.health is not None:
+            self.health.before_backward(it, result, terms)
         self.optimizer.zero_grad(set_to_none=True)
         result["loss"].backward()
         return result
@@ -316,6 +330,8 @@ class PretrainStep:
         self.optimizer.step()
         self.scheduler.step()
         self.model.momentum_update(momentum_at(it / self.t["max_iters"], self.t["momentum_base"]))
+        if self.health is not None:
+            self.health.after_step(it)
 
 
 def pretrain_step_config(cfg: dict, device: torch.device, s: dict, setting: dict, deadline: float, count_flops: bool,
@@ -323,7 +339,12 @@ def pretrain_step_config(cfg: dict, device: torch.device, s: dict, setting: dict
     """Build the step, then warm-up and timed steps on one batch; see the module docstring."""
     free(device)
     batch = setting.get("batch") or s["batch"]
-    step = PretrainStep(cfg, device, setting["amp"], setting["channels_last"], setting.get("fused", False), s["size"])
+    probe = None
+    if setting.get("probe"):
+        x, _, targets, _ = views_batch(s["probe_images"], s["size"], s["boxes"], seed=2)  # training's: 16 images
+        probe = (x.to(device), [t["boxes"] for t in targets])
+    step = PretrainStep(cfg, device, setting["amp"], setting["channels_last"], setting.get("fused", False), s["size"],
+                        probe)
     host = views_batch(batch, s["size"], s["boxes"])
     if setting.get("photometric"):
         host = device_views(*host, size=s["size"])
@@ -333,7 +354,7 @@ def pretrain_step_config(cfg: dict, device: torch.device, s: dict, setting: dict
     record = {"amp": str(setting["amp"]).replace("torch.", "") if setting["amp"] else "none",
               "channels_last": setting["channels_last"], "batch_from_host": setting["host"],
               "photometric_on_device": bool(setting.get("photometric")), "fused_sgd": bool(setting.get("fused")),
-              "batch": batch}
+              "health_probe": bool(setting.get("probe")), "batch": batch}
 
     def batch_for_step():
         return step.to_device(host) if setting["host"] else on_device
@@ -353,8 +374,8 @@ def pretrain_step_config(cfg: dict, device: torch.device, s: dict, setting: dict
         it += 1
     sync(device)
     record["warmup_s"] = time.perf_counter() - start
-    n, start = 0, time.perf_counter()
-    while n < s["steps"] and (n == 0 or time.perf_counter() < deadline):
+    n, start, steps = 0, time.perf_counter(), s["probe_steps"] if setting.get("probe") else s["steps"]
+    while n < steps and (n == 0 or time.perf_counter() < deadline):
         step(batch_for_step(), it)
         it, n = it + 1, n + 1
     sync(device)
@@ -387,6 +408,10 @@ PART1_SETTINGS = [
     {"model": "2DRCL", "setting": "bf16+channels_last, twice the batch", "amp": BF16, "channels_last": True,
      "host": False, "batch_factor": 2},
 ]
+#: Part 1's row with the training-health probe on every step.
+HEALTH_SETTING = "bf16+channels_last, health probe every step"
+PART1_SETTINGS.append({"model": "2DRCL", "setting": HEALTH_SETTING, "amp": BF16, "channels_last": True, "host": False,
+                       "probe": True})
 #: The synthetic-batch rate that part 3's fed rate is compared with: the same step, fed from host memory
 FED_REFERENCE = "bf16+channels_last, batch from host, photometric on the device"
 
@@ -448,6 +473,12 @@ def part1(ctx, res: dict, deadline: float) -> None:
                                   and rate.get(("HCL only", c["setting"])) and rate.get(("2DRCL", c["setting"]))}
     if flops.get(("2DRCL", s["batch"])) and flops.get(("HCL only", s["batch"])):
         res["2drcl_over_hcl_flops"] = flops[("2DRCL", s["batch"])] / flops[("HCL only", s["batch"])]
+    base, probed = (next((r for r in res["rows"] if r.get("setting") == st and "s_per_step" in r), None)
+                    for st in ("bf16+channels_last", HEALTH_SETTING))
+    if base and probed:  # a probe's own cost, and what it adds at the configs' intervals
+        per_probe = probed["s_per_step"] - base["s_per_step"]
+        res["health_probe"] = {"s_per_probe": per_probe,
+                               "overhead_at": {n: per_probe / n / base["s_per_step"] for n in (25, 250)}}
 
 
 # --------------------------------------------------------------------------- part 2: fine-tuning step
@@ -977,6 +1008,10 @@ def markdown(results: dict) -> str:
             lines += ["", "2DRCL step time / HCL-only step time: "
                       + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items())
                       + (f"; FLOPs {p['2drcl_over_hcl_flops']:.2f}x" if p.get("2drcl_over_hcl_flops") else "")]
+        probe = p.get("health_probe")
+        if probe:
+            lines += ["", f"Health probe: {probe['s_per_probe']:.3f} s each; step-time overhead "
+                      + ", ".join(f"{v:.1%} at train.health_every {n}" for n, v in probe["overhead_at"].items())]
         syncs = next((r["syncs_per_step"] for r in p.get("rows", []) if "syncs_per_step" in r), None)
         if syncs and "count" in syncs:
             lines += ["", f"Host-device syncs in one 2DRCL step: {syncs['count']} ("

@@ -61,3 +61,37 @@ def test_whole_config_checks():
         load_config("configs/tiny.yaml", ["model.hcl=false", "model.lcl=false", "model.ar=false", "model.sr=false"])
     with pytest.raises(ConfigError, match="data.proposals"):
         load_config("configs/tiny.yaml", ["data.boxes=proposals"])
+
+
+LVIS_CONFIGS = ["configs/lvis_r50.yaml", "configs/lvis_r101.yaml", "configs/lvis_r50_finetune.yaml"]
+PATHS = ("train_json:", "train_images:", "val_json:", "val_images:")
+
+
+@pytest.mark.parametrize("path", LVIS_CONFIGS)
+def test_every_value_in_the_lvis_configs_has_its_source_beside_it(path):
+    import re
+
+    for line in open(path):
+        if re.match(r"\s+\w+:\s*\S", line) and not line.strip().startswith(PATHS):  # a value, not a section
+            assert "#" in line, line
+
+
+@pytest.mark.parametrize("path", LVIS_CONFIGS[:2])
+def test_lvis_pretraining_starts_from_imagenet_with_queue_keys_younger_than_the_momentum_horizon(path):
+    """On the configs' 8 GPUs (and on 4) a key is at most half the momentum encoder's
+    averaging horizon old at the start, in both queues (LCL with as few as 4 boxes per image)."""
+    from drcl.engine.trainer import scaled_lr
+    from drcl.model.memory import staleness
+
+    cfg = load_config(path)
+    m, t = cfg["model"], cfg["train"]
+    assert m["init"] == "imagenet"
+    for gpus, limit in ((8, 0.3), (4, 0.55)):
+        images = t["batch_size"] * gpus
+        for queue, keys in ((m["hcl_queue"], 2 * images), (m["lcl_queue"], 2 * images * 8)):
+            age, horizon = staleness(queue, keys, t["momentum_base"])
+            assert age / horizon <= limit, (gpus, queue)
+        age, horizon = staleness(m["lcl_queue"], 2 * images * 4, t["momentum_base"])
+        assert age / horizon <= 2 * limit
+    assert scaled_lr(t, 8) == pytest.approx(0.08) and scaled_lr(t, 4) == pytest.approx(0.04)
+    assert t["health_every"] >= 250  # an estimated 1 % of the step time, not 10 %

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torchvision
 
+from drcl.errors import DataError
 from drcl.export import (
     FORMATS,
     KEY_MAP,
@@ -379,7 +380,9 @@ def test_init_from_a_hand_written_framework_checkpoint(fmt, tmp_path):
         path = tmp_path / "faster_rcnn_r50_fpn_1x_coco.pth"
         torch.save({"meta": {"mmdet_version": "3.3.0"}, "state_dict": weights}, path)
     detector = build_detector("r50-fpn", num_classes=81, norm="frozen_bn")
-    report = init_model(detector, path, "r50-fpn", "frozen_bn")
+    with pytest.raises(DataError, match="model.init_style"):  # the file does not say its ResNet style
+        init_model(detector, path, "r50-fpn", "frozen_bn")
+    report = init_model(detector, path, "r50-fpn", "frozen_bn", style="pytorch")
     assert report["layout"] == fmt
     state = detector.state_dict()
     encoder = [k for k in state if k.startswith(("backbone.body.", "backbone.fpn.", "roi_heads.box_head."))]
@@ -392,3 +395,13 @@ def test_init_from_a_hand_written_framework_checkpoint(fmt, tmp_path):
     assert set(report["ignored"]) == {k for k in layout if k not in used and not k.endswith(".num_batches_tracked")}
     assert all(k.startswith(NOT_PRETRAINED) for k in report["ignored"])
     assert {k.split(".")[0] + "." + k.split(".")[1] for k in report["new"]} == {"rpn.head", "roi_heads.box_predictor"}
+
+
+def test_exports_of_gpu_weights_are_cpu_tensors(tiny_bn):
+    """Weights from a GPU model (stood in by fake 'cuda' tensors) export as CPU tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        gpu = {k: v.to("cuda") for k, v in tiny_bn[1].items()}
+        for fmt in FORMATS:
+            assert {v.device.type for v in export_weights(gpu, fmt).values()} == {"cpu"}, fmt

@@ -32,7 +32,7 @@ def test_gpu_run_smoke(tmp_path):
         {("2DRCL", s) for s in SETTINGS} | {("HCL only", s) for s in SETTINGS}
         | {("2DRCL", s) for s in ("fp32", "bf16+channels_last, batch from host", "bf16+channels_last, fused SGD",
                                   "bf16+channels_last, batch from host, photometric on the device",
-                                  "bf16+channels_last, twice the batch")})
+                                  "bf16+channels_last, twice the batch", "bf16+channels_last, health probe every step")})
     for r in rows:
         assert "error" not in r and "skipped" not in r, r
         assert r["images_per_s"] > 0 and r["steps"] >= 1 and r["s_per_step"] > 0
@@ -46,6 +46,7 @@ def test_gpu_run_smoke(tmp_path):
         "photometric_on_device"]
     assert parts["1"]["2drcl_over_hcl_flops"] > 1
     assert set(parts["1"]["2drcl_over_hcl_time"]) >= SETTINGS
+    assert set(parts["1"]["health_probe"]["overhead_at"]) == {"25", "250"}  # JSON keys
 
     # 2: Mask R-CNN steps at both batch sizes
     rows = parts["2"]["rows"]

@@ -1,6 +1,7 @@
 """``--init``: start 2DRCL's encoder (and a fine-tuned detector) from weights in every layout
 drcl reads, on checkpoints generated here (tiny preset)."""
 
+import functools
 import json
 import os
 import pickle
@@ -211,3 +212,80 @@ def test_resume_does_not_apply_init_again(tmp_path, tiny_args, monkeypatch, caps
     encoder = torch.load(run / "encoder.pt")
     for k, v in encoder.items():
         assert torch.equal(v, state[ENCODER_PREFIX + k]), k  # the checkpoint's weights, untouched
+
+
+@functools.lru_cache(maxsize=1)
+def _source_once():
+    return _source()
+
+
+def _foreign(layout, tmp_path, hint=None):
+    """A detectron2 / mmdet detector file as those frameworks write it (not drcl's export tag),
+    with ``hint``: detectron2 ``pixel_mean`` values or an mmdet config text in ``meta``."""
+    path = tmp_path / ("d2.pkl" if layout == "detectron2" else "mmdet.pth")
+    save_export(_source_once(), layout, path)
+    if layout == "detectron2":
+        with open(path, "rb") as f:
+            data = pickle.load(f)
+        data = {"model": data["model"], "__author__": "Detectron2 Model Zoo"}
+        if hint is not None:
+            data["model"]["pixel_mean"] = torch.tensor(hint).reshape(3, 1, 1).numpy()
+        with open(path, "wb") as f:
+            pickle.dump(data, f)
+    else:
+        data = torch.load(path, weights_only=False)
+        data["meta"] = {"mmdet_version": "3.3.0", **({"cfg": hint} if hint is not None else {})}
+        torch.save(data, path)
+    return path
+
+
+@pytest.mark.parametrize("layout, hint, found", [
+    ("detectron2", None, None), ("detectron2", [103.53, 116.28, 123.675], "caffe"),
+    ("detectron2", [123.675, 116.28, 103.53], "pytorch"),
+    ("mmdet", None, None), ("mmdet", "model = dict(backbone=dict(type='ResNet', depth=18, style='caffe'))", "caffe"),
+    ("mmdet", "model = dict(backbone=dict(type='ResNet', depth=18, style = \"pytorch\"))", "pytorch"),
+])
+def test_a_detector_files_resnet_style_is_read_from_the_file_or_asked_for(layout, hint, found, tmp_path):
+    """detectron2 / mmdet caffe-style ResNets have torchvision's keys and shapes but the stride in
+    the 1x1 conv and BGR 0-255 input: refused; a file that does not say needs
+    model.init_style: pytorch; one that says pytorch loads."""
+    path = _foreign(layout, tmp_path, hint)
+    if found == "caffe":
+        for style in ("auto", "pytorch"):  # the file's word stands
+            with pytest.raises(DataError, match=r"a caffe-style ResNet \(.*stride in the 1x1 conv, BGR 0-255") as e:
+                read_init(path, style)
+            assert str(path) in str(e.value) and "\n" not in str(e.value)
+        return
+    if found is None:
+        with pytest.raises(DataError, match=r"does not say whether its ResNet is pytorch style .* set "
+                                            r"model.init_style: pytorch \(--set model.init_style=pytorch\)") as e:
+            read_init(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    weights = read_init(path, "pytorch" if found is None else "auto")
+    assert weights.layout == layout and set(weights.state) == set(_encoder_only(_source_once()))
+
+
+def test_init_style_from_the_config_reaches_the_loader(tmp_path):
+    path = _foreign("detectron2", tmp_path)
+    for style, ok in (("auto", False), ("pytorch", True)):
+        cfg = load_config("tiny", [f"model.init={path}", f"model.init_style={style}", "model.hcl_queue=16",
+                                   "model.lcl_queue=32"])
+        model = DRCL(drcl_config(cfg))
+        if ok:
+            assert start_from(model, cfg, tmp_path / "out", report=False)["layout"] == "detectron2"
+        else:
+            with pytest.raises(DataError, match="model.init_style"):
+                start_from(model, cfg, tmp_path / "out", report=False)
+
+
+def test_missing_imagenet_file_says_how_to_get_it(tmp_path, monkeypatch):
+    from drcl.weights import resolve_init
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(DataError) as e:
+        resolve_init("imagenet", "r50-fpn")
+    text = str(e.value)
+    path = tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    assert "\n" not in text and text.startswith("model.init imagenet (--init imagenet): no ImageNet weights at")
+    assert f"curl -L --create-dirs -o {path} https://download.pytorch.org/models/resnet50-0676ba61.pth" in text
+    assert "TORCH_HOME" in text

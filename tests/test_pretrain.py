@@ -101,8 +101,10 @@ def test_encoder_file_is_the_trained_online_encoder(tmp_path, tiny_args, monkeyp
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "run"
-    sets = sum((["--set", a] for a in tiny_args + ["train.health_every=2", "train.snapshot_every=3"]), [])
-    assert main(["pretrain", "--config", "configs/tiny.yaml", "--out", str(out)] + sets) == 0
+    # BatchNorm, so that encoder.pt's statistics are re-estimated: on 4 images = 2 loader batches of 2
+    args = tiny_args + ["train.health_every=2", "model.norm=bn", "train.precise_bn_images=4", "train.snapshot_every=3"]
+    assert main(["pretrain", "--config", "configs/tiny.yaml", "--out", str(out)] + sum((["--set", a] for a in args), [])) == 0
+    assert {v.device.type for v in torch.load(out / "encoder.pt", weights_only=True).values()} == {"cpu"}
     encoder = torch.load(out / "encoder.pt")
     model = _weights(out)
     # snapshots: the checkpoint as it was at iterations 3 and 6
@@ -112,13 +114,18 @@ def test_encoder_file_is_the_trained_online_encoder(tmp_path, tiny_args, monkeyp
     assert third["iteration"] == 3 and load_checkpoint(out / "checkpoints" / "iter_0000006.pt")["iteration"] == 6
     name = "online.encoder.backbone.body.conv1.weight"
     assert not torch.equal(third["model"][name], model[name])
-    torch.manual_seed(load_config("configs/tiny.yaml", tiny_args)["seed"])
-    init = DRCL(drcl_config(load_config("configs/tiny.yaml", tiny_args))).state_dict()
+    torch.manual_seed(load_config("configs/tiny.yaml", args)["seed"])
+    init = DRCL(drcl_config(load_config("configs/tiny.yaml", args))).state_dict()
     assert set(encoder) == {k[len("online.encoder."):] for k in model if k.startswith("online.encoder.")}
-    for name in ("backbone.body.conv1.weight", "backbone.fpn.layer_blocks.0.0.weight", "roi_heads.box_head.fc6.weight"):
+    for name in ("backbone.body.conv1.weight", "backbone.fpn.layer_blocks.0.0.weight", "roi_heads.box_head.fc6.weight",
+                 "backbone.body.bn1.weight"):
         assert torch.equal(encoder[name], model[f"online.encoder.{name}"]), name  # the online encoder
         assert not torch.equal(encoder[name], init[f"online.encoder.{name}"]), name  # it moved in 6 steps
         assert not torch.equal(encoder[name], model[f"momentum.encoder.{name}"]), name  # not the key encoder
+    # its BatchNorm statistics are new (PreciseBN over 2 clean loader batches; tests/engine/test_precise_bn.py
+    # checks their values), the checkpoint keeps the training ones
+    assert int(encoder["backbone.body.bn1.num_batches_tracked"]) == 2
+    assert not torch.allclose(encoder["backbone.body.bn1.running_var"], model["online.encoder.backbone.body.bn1.running_var"])
     # training health: per-term signals in the log, the summary printed and saved
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for key in ("hcl_chance", "hcl_gap", "hcl_batch_gap", "lcl_gap", "grad_norm", "clipped", "box_cos", "box_erank",
@@ -128,25 +135,83 @@ def test_encoder_file_is_the_trained_online_encoder(tmp_path, tiny_args, monkeyp
     assert rows[-1]["hcl_chance"] == pytest.approx(math.log(18), abs=0.3)
     health = json.loads((out / "health.json").read_text())
     assert health["reference"]["box_cos"] != health["window"]["box_cos"]  # measured again after the start
-    assert "training health" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "training health" in printed and "(BatchNorm statistics from the clean views of 4 images)" in printed
+    assert "HCL queue 16 keys = 4 steps at 4 a step (key age / momentum horizon 0.04)" in printed
 
 
-def test_torchrun_two_cpu_processes_see_disjoint_samples(tmp_path, tiny_args):
+# rank 1 alone sees a NaN in its 4th step; run as a script in place of `python -m drcl`
+POISONED_RANK = """
+import os, sys
+from drcl.cli import main
+from drcl.model.drcl import DRCL
+forward, calls = DRCL.forward, [0]
+def poisoned(self, *a, **k):
+    out = forward(self, *a, **k)
+    calls[0] += 1
+    if calls[0] == 4 and os.environ["RANK"] == "1":
+        out["lcl"] = out["lcl"] * float("nan")
+    return out
+DRCL.forward = poisoned
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_stop_together_on_one_ranks_nan_and_torchrun_resumes_exactly(tmp_path, tiny_args):
+    """Two CPU processes (gloo). A NaN on rank 1 alone stops both, promptly, with exit code 3
+    (the processes are started by hand: torchrun's agent would kill the survivor and hide its
+    code). Then ``torchrun --nproc_per_node 2 ... --resume`` continues from the checkpoint of
+    iteration 2 and computes iteration 3 exactly as the first run did; the ranks' batches never
+    overlap; the per-term gradient measurement (health_every=1) keeps the ranks in step."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "drcl", "pretrain", "--config", "configs/tiny.yaml", "--out", str(out)]
+    args = ["pretrain", "--config", "configs/tiny.yaml", "--out", str(out)]
     # random sampling: each image at most once per round, so the ranks' batches must not overlap
-    # health_every=1: the per-term gradient measurement must not desynchronise the ranks
-    for a in tiny_args + ["train.max_iters=3", "train.log_image_ids=true", "sampler.mode=random", "train.health_every=1"]:
-        cmd += ["--set", a]
+    for a in tiny_args + ["train.max_iters=4", "train.checkpoint_every=2", "train.log_image_ids=true",
+                          "sampler.mode=random", "train.health_every=1"]:
+        args += ["--set", a]
+    script = tmp_path / "poisoned_rank.py"
+    script.write_text(POISONED_RANK)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=240)[1] for p in procs]  # a rank left waiting would hang here
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [3, 3], errs
+    last = [e.strip().splitlines()[-1] for e in errs]
+    assert "iteration 4: loss term 'lcl' is not finite on rank 1; every process stopped" in last[0], last[0]
+    assert "iteration 4: loss term 'lcl' is nan on this process (rank 1); every process stopped" in last[1], last[1]
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 2
+    first = {r["iter"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(first) == [1, 2, 3]
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "drcl", *args,
+           "--resume"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming at iteration 2" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == [1, 2, 3]  # rank 0 alone writes the log
+    assert [r["iter"] for r in rows] == [1, 2, 3, 4]  # rank 0 alone writes the log, each iteration once
     for r in rows:
         rank0, rank1 = r["image_ids"]
         assert len(rank0) == len(rank1) == 2 and not set(rank0) & set(rank1)
-    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 3
+    again = rows[2]
+    for key, value in first[3].items():  # iteration 3 again, from the checkpoint: the same batch and numbers
+        if key != "images_per_s":
+            assert again[key] == (value if isinstance(value, list) else pytest.approx(value, abs=1e-5)), key
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 4
 
 
 def test_pretrain_on_an_image_folder_with_proposals(tmp_path, tiny_args, small_data, monkeypatch, capsys):
@@ -181,3 +246,36 @@ def test_image_folder_needs_a_box_source(tmp_path, tiny_args, small_data, monkey
                  *sum((["--set", a] for a in args), [])]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "data.boxes is 'gt' but data.train_json is not set" in err
+
+
+def test_encoder_file_holds_cpu_tensors_when_trained_on_a_gpu(tmp_path, monkeypatch):
+    """encoder.pt must load with a plain torch.load on a machine without the GPU. On the CPU a
+    GPU model is stood in by fake tensors on 'cuda' (FakeTensorMode); torch.save is caught."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from drcl.config import drcl_config, load_config
+    from drcl.model.drcl import DRCL
+    from drcl.pretrain import write_encoder
+
+    model = DRCL(drcl_config(load_config("tiny", ["model.hcl_queue=16", "model.lcl_queue=32"])))
+    saved = {}
+    monkeypatch.setattr(torch, "save", lambda obj, f, **kw: saved.update(obj))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to("cuda")
+        assert next(model.parameters()).device.type == "cuda"
+        write_encoder(model, tmp_path / "encoder.pt")
+    assert len(saved) == 80 and {v.device.type for v in saved.values()} == {"cpu"}
+
+
+def test_the_start_line_gives_each_queues_key_age_against_the_momentum_horizon():
+    from drcl.config import load_config
+    from drcl.pretrain import queue_line
+
+    assert queue_line(load_config("lvis_r50"), 8) == (
+        "HCL queue 8,192 keys = 64 steps at 128 a step (key age / momentum horizon 0.26); LCL queue 65,536 box keys "
+        "= 64 steps at 1,024 a step at 8 boxes per image (key age / momentum horizon 0.26); the momentum encoder "
+        "averages over ~250 steps at the start (train.momentum_base 0.996)")
+    # the same config on 2 GPUs: keys four times older
+    assert "HCL queue 8,192 keys = 256 steps at 32 a step (key age / momentum horizon 1.02)" in \
+        queue_line(load_config("lvis_r50"), 2)
+    assert queue_line(load_config("lvis_r50", ["model.hcl=false", "model.lcl=false"]), 8) is None

@@ -51,7 +51,7 @@ DEFAULTS: dict = {
         "schedule_steps": 4,
         "updates": 20,
     },
-    "model": {**{f.name: f.default for f in fields(DRCLConfig)}, "masks": False, "init": None},
+    "model": {**{f.name: f.default for f in fields(DRCLConfig)}, "masks": False, "init": None, "init_style": "auto"},
     "train": {
         "max_iters": 250,
         "batch_size": 4,
@@ -59,8 +59,10 @@ DEFAULTS: dict = {
         "snapshot_every": 0,
         "log_every": 10,
         "health_every": 25,
+        "precise_bn_images": 512,
         "optimizer": "sgd",
         "lr": 0.03,
+        "reference_batch": 0,
         "momentum": 0.9,
         "weight_decay": 1e-4,
         "warmup_iters": 20,
@@ -92,6 +94,7 @@ CHOICES = {
     "model.preset": ("tiny", "r50-fpn", "r101-fpn"),
     "model.norm": ("bn", "gn", "frozen_bn"),
     "model.ar_loss": ("l1", "mse"),
+    "model.init_style": ("auto", "pytorch"),
     "train.optimizer": ("sgd", "adamw"),
     "train.lr_schedule": ("cosine", "step"),
     "train.amp": ("none", "bf16", "fp16"),
@@ -240,6 +243,12 @@ def _check_whole(cfg: dict, source: str) -> None:
     if not (len(scale) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
             and 0.0 < scale[0] <= scale[1] <= 1.0):
         raise ConfigError(f"{source}: key 'data.crop_scale' must be [low, high] with 0 < low <= high <= 1, got {scale!r}")
+    if cfg["train"]["reference_batch"] < 0:
+        raise ConfigError(f"{source}: key 'train.reference_batch' must be >= 0 (0: train.lr as given), got "
+                          f"{cfg['train']['reference_batch']}")
+    if cfg["train"]["precise_bn_images"] < 0:
+        raise ConfigError(f"{source}: key 'train.precise_bn_images' must be >= 0 (0: off), got "
+                          f"{cfg['train']['precise_bn_images']}")
     if cfg["train"]["health_every"] < 0:
         raise ConfigError(f"{source}: key 'train.health_every' must be >= 0 (0: off), got {cfg['train']['health_every']}")
     if not 0.0 <= cfg["sampler"]["alpha_start"] <= 1.0 or not 0.0 <= cfg["sampler"]["alpha_end"] <= 1.0:

@@ -50,7 +50,7 @@ def build_model(cfg: dict, num_categories: int, segmentations: bool, init: str |
                               imagenet=m["imagenet"], box_score_thresh=e["score_threshold"],
                               box_detections_per_img=e["max_dets"])
     if init is not None:
-        report = init_model(detector, init, m["preset"], m["norm"])
+        report = init_model(detector, init, m["preset"], m["norm"], style=m["init_style"])
         if verbose:
             print(summary_line(report))
             if out_dir is not None:

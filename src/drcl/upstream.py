@@ -33,7 +33,7 @@ from torchvision.transforms import v2
 from drcl.atomic import write_json
 from drcl.data.annotations import load_annotations
 from drcl.data.dataset import DetectionDataset, collate
-from drcl.engine.checkpoint import save_checkpoint
+from drcl.engine.checkpoint import cpu_state_dict, save_checkpoint
 from drcl.engine.distributed import cleanup
 from drcl.engine.trainer import Task, make_loader, prepare_run, train
 from drcl.errors import DataError
@@ -117,7 +117,7 @@ def upstream(cfg: dict, out_dir: str | os.PathLike, resume: bool = False) -> dic
         category_ids = [c["id"] for c in ann.categories]
 
         def finish(out: Path):
-            path = save_checkpoint(model.state_dict(), out / "classifier.pt")
+            path = save_checkpoint(cpu_state_dict(model.state_dict()), out / "classifier.pt")
             top1 = None
             if d["val_json"] and info.distributed:
                 # rank 0 alone would score every val crop while the others wait at a barrier (NCCL's timeout)

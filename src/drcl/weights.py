@@ -11,6 +11,14 @@
 | ``detectron2`` | a detectron2 checkpoint (``.pkl`` or ``.pth``, ``{"model": ...}``) with ResNet-FPN keys | backbone, FPN, box head |
 | ``mmdet`` | an mmdetection checkpoint (``{"state_dict": ...}``) with ResNet-FPN keys | backbone, FPN, box head |
 
+detectron2 and mmdet detectors may hold a "caffe"-style ResNet (MSRA's: the stride in the first
+1x1 conv of a block, BGR 0-255 input; detectron2's model zoo R-50, mmdet's ``*_caffe`` models)
+with the same keys and shapes as a torchvision-style ("pytorch") one. drcl's ResNets are
+torchvision's, which would run caffe-style weights with wrong features and no error, so
+:func:`resnet_style` looks for what the file says (drcl's own export tag; detectron2's
+``pixel_mean`` order; the ``style=`` of the mmdet config saved in ``meta``): caffe style is
+refused, and a file that does not say needs ``model.init_style: pytorch`` from the user.
+
 Detector layouts are renamed with the export table run backwards
 (:func:`drcl.export.import_encoder`); whatever is not backbone, FPN or box head (a
 classifier's ``fc``, RPN, box predictor, mask head, the 2DRCL projectors) is left out and
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +43,13 @@ from drcl.atomic import write_json
 from drcl.engine.checkpoint import load_checkpoint, run_weights_path, strip_encoder
 from drcl.errors import DataError
 from drcl.export import import_encoder, load_into_detector
-from drcl.model.detector import imagenet_weights_file, preset as preset_spec
+from drcl.model.detector import imagenet_weights_file, imagenet_weights_url, preset as preset_spec
 from drcl.model.drcl import ENCODER_PREFIX
 
 LAYOUTS = ("torchvision-classification", "drcl-pretrain", "torchvision", "detectron2", "mmdet")
+#: ``model.init_style``: ``auto`` tells a detectron2 / mmdet file's ResNet style from the file and
+#: refuses one that does not say; ``pytorch`` vouches for a file that does not say.
+INIT_STYLES = ("auto", "pytorch")
 #: ``--init imagenet``: torchvision's ImageNet checkpoint of the preset's backbone in the torch cache.
 IMAGENET = "imagenet"
 _CLASSIFIER = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
@@ -57,10 +69,14 @@ def resolve_init(spec: str | os.PathLike, preset: str) -> Path:
     """``imagenet`` -> torchvision's ImageNet file of ``preset``'s backbone in the torch cache;
     a run folder -> its ``encoder.pt`` or ``checkpoints/last.pt``; a file as it is."""
     if str(spec) == IMAGENET and not Path(spec).exists():
-        path = imagenet_weights_file(preset_spec(preset)["backbone"])
+        backbone = preset_spec(preset)["backbone"]
+        path = imagenet_weights_file(backbone)
         if not path.exists():
-            raise DataError(f"--init imagenet: no ImageNet weights at {path} (place torchvision's "
-                            f"{path.name} there, or set TORCH_HOME)")
+            raise DataError(f"model.init imagenet (--init imagenet): no ImageNet weights at {path}; drcl downloads "
+                            f"nothing: get torchvision's {backbone} IMAGENET1K_V1 file there, e.g. "
+                            f"curl -L --create-dirs -o {path} {imagenet_weights_url(backbone)} (or copy it from a "
+                            f"machine where torchvision.models.{backbone}(weights='IMAGENET1K_V1') ran), or set "
+                            f"TORCH_HOME to the folder whose hub/checkpoints/ holds it")
         return path
     path = run_weights_path(spec)
     if not path.exists():
@@ -103,17 +119,58 @@ def _layout(sd: dict) -> str | None:
     return None
 
 
-def read_init(path: str | os.PathLike) -> InitWeights:
+_MMDET_STYLE = re.compile(r"""style\s*=\s*['"](caffe|pytorch)['"]""")
+
+
+def resnet_style(raw, sd: dict, layout: str) -> tuple[str | None, str]:
+    """``("pytorch" | "caffe" | None, the evidence)`` for a detectron2 / mmdet file: ``raw`` is
+    the loaded file, ``sd`` its state dict. None when the file does not say."""
+    meta = raw.get("meta") if isinstance(raw, dict) and isinstance(raw.get("meta"), dict) else {}
+    if (isinstance(raw, dict) and raw.get("__author__") == "drcl") or meta.get("exported_by") == "drcl":
+        return "pytorch", "exported by drcl"
+    if layout == "detectron2" and "pixel_mean" in sd:
+        mean = [float(v) for v in _flat(sd["pixel_mean"])]
+        if len(mean) == 3 and mean[0] != mean[2]:
+            order = "BGR" if mean[0] < mean[2] else "RGB"
+            return ("caffe" if order == "BGR" else "pytorch"), f"pixel_mean {[round(v, 2) for v in mean]} is {order}"
+    if layout == "mmdet":
+        for key in ("cfg", "config"):
+            found = _MMDET_STYLE.search(meta.get(key) or "") if isinstance(meta.get(key), str) else None
+            if found:
+                return found.group(1), f"its saved mmdet config says style='{found.group(1)}'"
+    return None, ""
+
+
+def _flat(value) -> list:
+    return value.reshape(-1).tolist() if hasattr(value, "reshape") else list(value)
+
+
+def read_init(path: str | os.PathLike, style: str = "auto") -> InitWeights:
     """Encoder weights (torchvision detector keys) from ``path`` in any layout of the table
-    above; a file in none of them is a one-line :class:`DataError`."""
+    above; a file in none of them is a one-line :class:`DataError`, and so is a detectron2 /
+    mmdet file with a caffe-style ResNet, or one that does not say its style unless ``style``
+    is ``pytorch`` (``model.init_style``; see the module docstring)."""
     path = Path(path)
-    sd = _unwrap(_load(path))
+    raw = _load(path)
+    sd = _unwrap(raw)
     if not isinstance(sd, dict) or not sd:
         raise DataError(f"{path}: not a state dict (a mapping of tensor names to tensors)")
     layout = _layout(sd)
     if layout is None:
         raise DataError(f"{path}: not a layout drcl reads ({', '.join(LAYOUTS)}); its first keys are "
                         f"{', '.join(list(sd)[:3])}")
+    if layout in ("detectron2", "mmdet"):
+        found, evidence = resnet_style(raw, sd, layout)
+        if found == "caffe":
+            raise DataError(f"{path}: a caffe-style ResNet ({evidence}): stride in the 1x1 conv, BGR 0-255 input; "
+                            f"drcl's ResNets are torchvision's (stride in the 3x3 conv, RGB input), which would run "
+                            f"these weights with wrong features: start from a pytorch-style {layout} file")
+        if found is None and style != "pytorch":
+            raise DataError(f"{path}: this {layout} file does not say whether its ResNet is pytorch style (stride in "
+                            f"the 3x3 conv, RGB input, as torchvision's) or caffe style (stride in the 1x1 conv, BGR "
+                            f"0-255 input: detectron2's model-zoo R-50, mmdet's *_caffe models), which have the same "
+                            f"keys and shapes: if it is pytorch style, set model.init_style: pytorch "
+                            f"(--set model.init_style=pytorch); caffe-style weights cannot be used")
     if layout == "drcl-pretrain":
         state = strip_encoder(sd)
         ignored = [k for k in sd if not k.startswith(ENCODER_PREFIX)]
@@ -153,14 +210,15 @@ def _weight_names(model: nn.Module) -> set[str]:
 
 
 def init_model(model: nn.Module, spec: str | os.PathLike, preset: str, norm: str, prefix: str = "",
-               skip: tuple[str, ...] = ()) -> dict:
+               skip: tuple[str, ...] = (), style: str = "auto") -> dict:
     """Load the weights ``spec`` names (a path, a run folder or ``imagenet``) into the encoder
     of ``model`` found at ``prefix`` (``""`` for a torchvision detector, ``"online.encoder."``
-    for :class:`~drcl.model.drcl.DRCL`). Returns the report: ``source``, ``layout``, ``loaded``
+    for :class:`~drcl.model.drcl.DRCL`); ``style`` is ``model.init_style`` (:func:`read_init`).
+    Returns the report: ``source``, ``layout``, ``loaded``
     (``model`` keys), ``new`` (the model's weights left at random init, less those under
     ``skip``) and ``ignored`` (tensors of the file not used)."""
     path = resolve_init(spec, preset)
-    weights = read_init(path)
+    weights = read_init(path, style)
     encoder = model.get_submodule(prefix.rstrip(".")) if prefix else model
     try:
         load_into_detector(encoder, weights.state)

@@ -45,3 +45,28 @@ def test_write_json_is_atomic_and_readable(tmp_path):
     path = write_json(tmp_path / "sub" / "a.json", {"x": [1, 2]})
     assert json.loads(path.read_text()) == {"x": [1, 2]}
     assert [p.name for p in path.parent.iterdir()] == ["a.json"]  # no temporary file left
+
+
+def test_resume_restores_only_the_cuda_rng_states_of_the_gpus_it_has(monkeypatch):
+    """A checkpoint saved with 8 GPUs' CUDA RNG states, resumed where one GPU is visible:
+    device 0's state is restored and nothing fails (``torch.cuda.set_rng_state_all`` would
+    address devices 1-7). Stood in on the CPU by a fake CUDA runtime with one device."""
+    from drcl.engine.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    set_rng_state(state)  # the real CPU machine: no GPU at all
+    restored = {}
+
+    def set_one(new_state, device="cuda"):
+        index = device if isinstance(device, int) else (torch.device(device).index or 0)
+        if index >= 1:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        restored[index] = new_state
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_one)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_one)  # what set_rng_state_all calls
+    set_rng_state(state)
+    assert list(restored) == [0] and torch.equal(restored[0], state["cuda"][0])

@@ -222,3 +222,29 @@ def test_fixed_batch_rescales_boxes_of_a_non_square_image():
         outside = image.clone()
         outside[:, max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = 0
         assert outside.max() < 0.01  # ... and nothing outside it
+
+
+def test_grad_shares_under_fp16_are_taken_on_the_scaled_losses():
+    """fp16 activations: two terms whose gradients on the weights (2e-8 and 1e-8 per element)
+    underflow in fp16 unless the losses are scaled as the step's are (GradScaler). Scaled, the
+    shares equal the float64 ones (energy ratio 4: 0.8 / 0.2); unscaled both would read 0."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    encoder = nn.Linear(8, 8, bias=False)
+    model = SimpleNamespace(online=SimpleNamespace(encoder=encoder), cfg=SimpleNamespace(w_hcl=1.0, w_lcl=1.0))
+    x = torch.full((1, 8), 1e-3)
+
+    def result(dtype):
+        h = x.to(dtype) @ encoder.weight.t().to(dtype)  # an activation in dtype, as under autocast
+        return {"hcl": (h.float() * 2e-5).sum(), "lcl": (h.float() * 1e-5).sum()}
+
+    health = Health(model, None, every=1, warmup=0, max_iters=1)
+    exact = health.grad_shares(result(torch.float64), ["hcl", "lcl"])
+    assert exact == {"hcl_grad_share": pytest.approx(0.8), "lcl_grad_share": pytest.approx(0.2)}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    got = health.grad_shares(result(torch.float16), ["hcl", "lcl"], scale=scaler.scale)
+    assert got == {k: pytest.approx(v, rel=1e-2) for k, v in exact.items()}
+    assert health.grad_shares(result(torch.float16), ["hcl", "lcl"]) == {"hcl_grad_share": 0.0, "lcl_grad_share": 0.0}

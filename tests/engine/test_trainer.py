@@ -41,7 +41,7 @@ def test_flops_per_iter_counts_one_forward_and_backward(tmp_path, tiny_cfg):
         def start(self):
             pass
 
-        def before_backward(self, it, result, terms):
+        def before_backward(self, it, result, terms, scale=None):
             torch.randn(50, 50, requires_grad=True).matmul(torch.randn(50, 50)).sum().backward()
 
         def after_step(self, it):
@@ -98,3 +98,41 @@ def test_logged_row_is_the_mean_of_its_interval(tmp_path, tiny_cfg):
     assert [r["even_only"] for r in rows] == [pytest.approx(20.0), pytest.approx(50.0)]  # step 2; steps 4, 6
     assert [r["grad_norm"] for r in rows] == [pytest.approx(2.0), pytest.approx(5.0)]
     assert [r["clipped"] for r in rows] == [pytest.approx(0.0), pytest.approx(1.0)]
+
+
+def test_lr_follows_the_global_batch_when_a_reference_batch_is_set():
+    from drcl.config import load_config
+    from drcl.engine.trainer import lr_line, scaled_lr
+
+    t = {"lr": 0.02, "batch_size": 8, "reference_batch": 16}
+    assert scaled_lr(t, 8) == pytest.approx(0.08) and scaled_lr(t, 4) == pytest.approx(0.04)
+    assert lr_line(t, 4) == "global batch 32 (8 per process x 4 processes); peak lr 0.04 (train.lr 0.02 x 32 / " \
+                            "train.reference_batch 16)"
+    # the tiny configs' recipes were measured on one process at their own lr: unscaled
+    for name in ("tiny", "tiny_finetune", "tiny_upstream"):
+        train = load_config(name)["train"]
+        assert train["reference_batch"] == 0 and scaled_lr(train, 1) == train["lr"], name
+        assert lr_line(train, 1).endswith(f"peak lr {train['lr']:g} (train.lr, not scaled: train.reference_batch is 0)")
+
+
+def test_training_runs_at_the_scaled_lr_and_says_so(tmp_path, tiny_cfg, capsys):
+    import json
+
+    from torch import nn
+
+    from drcl.engine.distributed import DistInfo
+    from drcl.engine.trainer import Task, train
+    from drcl.sampling import RepeatFactorSampler
+
+    model = nn.Linear(2, 1)
+    sampler = RepeatFactorSampler([0, 1, 2, 3], [0, 0, 1, 1], 4, 2, mode="random", total_epochs=2)
+    task = Task("test", model, _Ann(), sampler, [torch.zeros(1, 2)] * 4, 2,
+                lambda model, batch, g, w: {"loss": model(batch).sum()}, terms=lambda r: ["loss"])
+    cfg = {**tiny_cfg, "train": {**tiny_cfg["train"], "max_iters": 2, "log_every": 1, "checkpoint_every": 2,
+                                 "warmup_iters": 0, "lr_schedule": "step", "lr_steps": [], "lr": 0.01, "batch_size": 2,
+                                 "reference_batch": 8}}
+    train(task, cfg, tmp_path, False, DistInfo(), torch.device("cpu"))
+    assert "global batch 2 (2 per process x 1 process); peak lr 0.0025 (train.lr 0.01 x 2 / " \
+           "train.reference_batch 8)" in capsys.readouterr().out.splitlines()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == [pytest.approx(0.0025)] * 2

@@ -19,6 +19,13 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def cpu_state_dict(state: dict) -> dict:
+    """``state`` with every tensor detached and on the CPU: weights meant for other programs
+    (``encoder.pt``, ``classifier.pt``) load with a plain ``torch.load`` on a machine without
+    the GPU they were trained on."""
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint`; a missing or unreadable file is
     a one-line :class:`DataError`."""
@@ -39,11 +46,15 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`. CUDA states are restored for the GPUs this process has, the
+    first ``torch.cuda.device_count()`` of them: a run resumed with fewer GPUs visible than
+    the one that saved (``torch.cuda.set_rng_state_all`` fails there) or on none goes on."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def run_weights_path(path: str | os.PathLike) -> Path:

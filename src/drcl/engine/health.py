@@ -144,9 +144,16 @@ class Health:
         self.latest.update(self.reference)
         return dict(self.reference)
 
-    def grad_shares(self, result: dict, terms) -> dict:
+    def grad_shares(self, result: dict, terms, scale=None) -> dict:
         """Each term's share of the gradient energy on the online encoder (autograd.grad,
-        the graph kept for the step's own backward)."""
+        the graph kept for the step's own backward).
+
+        ``scale`` is the step's loss scaling (``GradScaler.scale``; None: none). Under fp16
+        autocast a term's gradient flows through fp16 activations and, unscaled, small ones
+        underflow to zero, as the step's own would without the scaler; so each term's loss is
+        scaled as the step's is. The shares are ratios of energies, so the common factor
+        cancels; energies are summed in float64. A scale that overflows (the scaler then skips
+        the step and lowers it) gives no measurement: the previous shares stay."""
         params = [p for p in self.model.online.encoder.parameters() if p.requires_grad]
         energy = {}
         for t in terms:
@@ -154,14 +161,18 @@ class Health:
             if not loss.requires_grad:
                 energy[t] = 0.0
                 continue
+            if scale is not None:
+                loss = scale(loss)
             grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            energy[t] = float(sum((g.float() ** 2).sum() for g in grads if g is not None))
+            energy[t] = float(sum((g.double() ** 2).sum() for g in grads if g is not None))
+        if not all(math.isfinite(e) for e in energy.values()):
+            return {}
         total = sum(energy.values())
         return {f"{t}_grad_share": (e / total if total > 0 else 0.0) for t, e in energy.items()}
 
-    def before_backward(self, it: int, result: dict, terms) -> None:
+    def before_backward(self, it: int, result: dict, terms, scale=None) -> None:
         if self.due(it):
-            self.latest.update(self.grad_shares(result, terms))
+            self.latest.update(self.grad_shares(result, terms, scale))
 
     def after_step(self, it: int) -> None:
         if self.due(it):

@@ -44,7 +44,8 @@ from tqdm import tqdm
 from drcl.config import dump_config, require
 from drcl.data.annotations import Annotations, load_annotations, load_image_folder
 from drcl.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from drcl.engine.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
+from drcl.engine.distributed import (DistInfo, all_gather_objects, any_rank_max, barrier, cleanup, init_distributed,
+                                     wrap_ddp)
 from drcl.engine.loader import SeededDataset, SeededSampler
 from drcl.sampling import AlphaSchedule, RepeatFactorSampler
 
@@ -83,11 +84,30 @@ def lr_factor(it: int, train: dict) -> float:
     return train["lr_gamma"] ** sum(it >= f * train["max_iters"] for f in train["lr_steps"])
 
 
-def build_optimizer(model: nn.Module, train: dict):
+def scaled_lr(train: dict, world_size: int) -> float:
+    """The peak learning rate in use: ``train.lr`` x global batch / ``train.reference_batch``
+    (the linear scaling rule, Goyal et al. 2017), so that a config's rate follows the number of
+    processes; ``train.lr`` as given when ``reference_batch`` is 0."""
+    ref = train["reference_batch"]
+    return train["lr"] * train["batch_size"] * world_size / ref if ref else train["lr"]
+
+
+def lr_line(train: dict, world_size: int) -> str:
+    """One line: the global batch and the peak learning rate in use, and where it comes from."""
+    batch, ref = train["batch_size"], train["reference_batch"]
+    how = (f"train.lr {train['lr']:g} x {batch * world_size} / train.reference_batch {ref}" if ref
+           else "train.lr, not scaled: train.reference_batch is 0")
+    return (f"global batch {batch * world_size} ({batch} per process x {world_size} "
+            f"process{'es' if world_size > 1 else ''}); peak lr {scaled_lr(train, world_size):.6g} ({how})")
+
+
+def build_optimizer(model: nn.Module, train: dict, lr: float | None = None):
+    """SGD or AdamW over the trainable parameters at ``lr`` (``train.lr`` when None)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    lr = train["lr"] if lr is None else lr
     if train["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=train["lr"], momentum=train["momentum"], weight_decay=train["weight_decay"])
-    return torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
+        return torch.optim.SGD(params, lr=lr, momentum=train["momentum"], weight_decay=train["weight_decay"])
+    return torch.optim.AdamW(params, lr=lr, weight_decay=train["weight_decay"])
 
 
 def prepare_run(cfg: dict, out_dir, resume: bool, images_only: bool = False, segmentations: bool = False):
@@ -208,11 +228,8 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
         core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
     model = core
     if info.distributed:
-        # device_ids None: DDP would copy every tensor of a batch to the device, the targets
-        # the 2DRCL step keeps on the host among them; the tasks place their inputs themselves
-        model = nn.parallel.DistributedDataParallel(core, device_ids=None,
-                                                    find_unused_parameters=task.ddp_unused)
-    optimizer = build_optimizer(core, t)
+        model = wrap_ddp(core, device, task.ddp_unused)
+    optimizer = build_optimizer(core, t, scaled_lr(t, info.world_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, t))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t["amp"]) if cuda else None
     if t["amp"] != "none" and not cuda and info.is_main:
@@ -245,6 +262,7 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
               f"({info.world_size} process{'es' if info.world_size > 1 else ''}, {device}); sampler "
               f"{task.sampler.mode}, {rounds} rounds of {task.round_iters} iterations"
               + (f"; resuming at iteration {it}" if resume else ""))
+        print(lr_line(t, info.world_size))
 
     def save(snapshot: bool = False):
         if info.is_main:
@@ -277,10 +295,10 @@ def train(task: Task, cfg: dict, out_dir, resume: bool, info: DistInfo, device: 
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None), \
                         counting[0] if counting else contextlib.nullcontext():
                     result = task.forward(model, data, gen, weights)
-                _check_finite(result, task.terms(result), it, ckpt_path)
+                _check_finite(result, task.terms(result), it, ckpt_path, info)
                 if health is not None:
                     with model.no_sync() if info.distributed else contextlib.nullcontext():
-                        health.before_backward(it, result, task.terms(result))
+                        health.before_backward(it, result, task.terms(result), scale=scaler.scale)
                 optimizer.zero_grad(set_to_none=True)
                 with counting[1] if counting else contextlib.nullcontext():
                     scaler.scale(result["loss"]).backward()
@@ -359,13 +377,32 @@ class IntervalMeans:
         return means
 
 
-def _check_finite(result: dict, terms, it: int, ckpt_path: Path) -> None:
-    for term in terms:
-        value = result[term]
-        if not torch.isfinite(value).all():
-            last = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-            raise NonFiniteLoss(f"iteration {it + 1}: loss term '{term}' is {float(value.detach())}; "
-                                f"stopped before the update, {last}")
+def _check_finite(result: dict, terms, it: int, ckpt_path: Path, info: DistInfo | None = None) -> None:
+    """Raise :class:`NonFiniteLoss` on every process when any process has a NaN or infinite
+    loss term. The processes agree with one all-reduce of a flag per term (the highest rank
+    that saw it), read with one host sync: a process that stopped alone would leave the others
+    waiting in the next collective (DDP's gradient all-reduce) until the backend's timeout, and
+    the exit code 3 would be lost."""
+    if not terms:
+        return
+    rank = info.rank if info is not None else 0
+    local = torch.stack([~torch.isfinite(result[t].detach()).all() for t in terms])
+    seen = local.long() * (rank + 1)
+    if info is not None:
+        seen = any_rank_max(seen, info)
+    seen = seen.tolist()
+    if not any(seen):
+        return
+    i = next(i for i, who in enumerate(seen) if who)
+    term = terms[i]
+    last = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+    if info is None or not info.distributed:
+        raise NonFiniteLoss(f"iteration {it + 1}: loss term '{term}' is {float(result[term].detach())}; "
+                            f"stopped before the update, {last}")
+    where = (f"is {float(result[term].detach())} on this process (rank {rank})" if bool(local[i])
+             else f"is not finite on rank {seen[i] - 1}")
+    raise NonFiniteLoss(f"iteration {it + 1}: loss term '{term}' {where}; every process stopped before the update, "
+                        f"{last}")
 
 
 class _Logger:

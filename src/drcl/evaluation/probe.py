@@ -79,19 +79,20 @@ DEFAULT_WEIGHT_DECAY = 1e-3
 # --------------------------------------------------------------------------- encoder
 
 
-def load_encoder(preset: str, norm: str, weights=None, seed: int = 0) -> Encoder:
+def load_encoder(preset: str, norm: str, weights=None, seed: int = 0, style: str = "auto") -> Encoder:
     """A frozen encoder in eval mode: random init under ``seed``, then (unless ``weights`` is
     None) the weights in any layout ``--init`` reads (:func:`drcl.weights.init_model`: a
     pre-training run or its ``encoder.pt``, a classifier such as ``drcl upstream``'s, a
     torchvision / detectron2 / mmdet detector), checked key by key and shape by shape; parts
-    the file lacks (a classifier's FPN and box head) keep the seeded random init."""
+    the file lacks (a classifier's FPN and box head) keep the seeded random init. ``style``:
+    ``model.init_style``."""
     from drcl.weights import init_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = build_encoder(preset, norm)
     if weights is not None:
-        init_model(encoder, weights, preset, norm)
+        init_model(encoder, weights, preset, norm, style=style)
     encoder.eval()
     encoder.requires_grad_(False)
     return encoder
@@ -314,7 +315,7 @@ def run_probe(cfg: dict, weights=None, *, epochs: int = DEFAULT_EPOCHS, seed: in
     start = time.perf_counter()
     d, m = cfg["data"], cfg["model"]
     dev = pick_device(device or cfg["train"]["device"])
-    encoder = load_encoder(m["preset"], m["norm"], weights, seed).to(dev)
+    encoder = load_encoder(m["preset"], m["norm"], weights, seed, m["init_style"]).to(dev)
 
     train_ann = load_annotations(d["train_json"], d["train_images"], on_bad=d["on_bad"], records=False)
     val_ann = load_annotations(d["val_json"], d["val_images"], on_bad=d["on_bad"], records=False)

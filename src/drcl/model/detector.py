@@ -82,10 +82,14 @@ def preset(name: str) -> dict:
     return PRESETS[name]
 
 
+def imagenet_weights_url(backbone: str) -> str:
+    """Where torchvision downloads the ImageNet checkpoint of ``backbone`` from."""
+    return IMAGENET_WEIGHTS[backbone].url
+
+
 def imagenet_weights_file(backbone: str) -> Path:
     """Where torchvision's weights API keeps the ImageNet checkpoint of ``backbone``."""
-    url = IMAGENET_WEIGHTS[backbone].url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(imagenet_weights_url(backbone))
 
 
 def build_resnet(name: str, norm: str = "bn", imagenet: bool = False, num_classes: int = 1000) -> resnet.ResNet:
@@ -102,8 +106,9 @@ def build_resnet(name: str, norm: str = "bn", imagenet: bool = False, num_classe
         path = imagenet_weights_file(spec["backbone"])
         if not path.exists():
             raise FileNotFoundError(
-                f"ImageNet weights for {spec['backbone']} not found at {path}; place torchvision's "
-                f"{os.path.basename(weights.url)} there (or set TORCH_HOME) or train from random init"
+                f"ImageNet weights for {spec['backbone']} not found at {path}; drcl downloads nothing: get "
+                f"torchvision's file there, e.g. curl -L --create-dirs -o {path} {weights.url}, or set TORCH_HOME "
+                f"to the folder whose hub/checkpoints/ holds it, or train from random init"
             )
     return getattr(resnet, spec["backbone"])(weights=weights, norm_layer=norm_layer(norm),
                                              **({} if weights else {"num_classes": num_classes}))
