@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from drcl.data.annotations import frequency_group, load_annotations
 from drcl.errors import DataError
@@ -248,7 +249,7 @@ def test_arrays_and_segmentations_without_records_equal_the_records(tmp_path, lv
     _same_arrays(with_records, arrays)
     assert arrays.image_records is None and arrays.annotation_records is None
     for k, rec in enumerate(with_records.annotations):
-        assert arrays.segmentation(k) == rec.get("segmentation")
+        assert arrays.segmentation(k) == rec.get("segmentation"), k
         np.testing.assert_array_equal(arrays.boxes[k], rec["bbox"])
     assert arrays.has_segmentation.tolist() == [True, True, True, False, True]
     with pytest.raises(RuntimeError, match="without its segmentations"):
@@ -346,3 +347,11 @@ def test_generated_data_loads_alike_with_and_without_records(small_data):
         arrays = load_annotations(path, images, check_images="header", records=False, segmentations=True)
         _same_arrays(with_records, arrays)
         assert all(arrays.segmentation(k) == a["segmentation"] for k, a in enumerate(with_records.annotations))
+        # and the masks a Mask R-CNN trains on are the same, pixel for pixel
+        from drcl.data.dataset import DetectionDataset
+
+        a, b = DetectionDataset(with_records), DetectionDataset(arrays)
+        assert a.has_masks and b.has_masks
+        for i in range(min(8, arrays.num_images)):
+            ta, tb = a[i][1], b[i][1]
+            assert torch.equal(ta["masks"], tb["masks"]) and torch.equal(ta["boxes"], tb["boxes"])
