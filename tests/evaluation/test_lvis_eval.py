@@ -185,9 +185,17 @@ def lvis_api(gt_path, dets, iou_type, max_dets=300):
 
 
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
-def test_equals_lvis_api(dataset, iou_type, monkeypatch):
+@pytest.mark.parametrize("categories_at_a_time", [None, 3])
+def test_equals_lvis_api(dataset, iou_type, categories_at_a_time, monkeypatch):
+    """Also with the categories scored a few at a time (as LVIS v1 val's 1,203 are, a million
+    image x category pairs at a time): the metrics over the joined precision array."""
     gt, dets, gt_path, det_path = dataset
     monkeypatch.setattr(np, "float", float, raising=False)  # lvis 0.5.3 uses np.float (gone in NumPy 2)
+    if categories_at_a_time:
+        import drcl.evaluation.lvis_eval as lvis_eval
+
+        monkeypatch.setattr(lvis_eval, "_PAIRS_PER_CHUNK", categories_at_a_time * len(gt["images"]))
+        assert len(gt["categories"]) % categories_at_a_time != 0  # and a last chunk that is shorter
     ours = evaluate_detections(gt_path, det_path, iou_type=iou_type)
     theirs, theirs_per_cat = lvis_api(gt_path, dets, iou_type)
     for m in METRICS:

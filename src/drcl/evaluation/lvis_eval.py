@@ -61,8 +61,10 @@ Found by reading both sources (faster_coco_eval 1.8 ``core/cocoeval.py``,
    ``not_exhaustive_category_ids`` on every image (faster-coco-eval and we default them to
    empty lists) and ``frequency`` on every category (both; we fill it from image counts, see
    above).
-8. *The ``stats`` layout.* With ``lvis_style`` faster-coco-eval appends APr, APc, APf after
-   the AR entries (``stats_as_dict`` names them); AP_small/medium/large are its APs/m/l.
+8. *Memory.* faster-coco-eval keeps about 1 KB for every image x category pair it scores, 24
+   GB for LVIS v1 val's 19,809 images x 1,203 categories. We score the categories in chunks
+   of at most a million pairs and compute the nine metrics from the joined precision array,
+   as its ``summarize`` does (each category's precision depends on that category alone).
 
 Everything else (IoU thresholds .50:.05:.95, 101 recall points, precision envelope, the -1
 conventions, frequency-group means over the precision array) is the same in both.
@@ -93,18 +95,11 @@ IOU_TYPES = ("bbox", "segm")
 #: LVIS's limit on detections per image.
 MAX_DETS = 300
 
-# our name -> faster-coco-eval's stats_as_dict name (lvis_style)
-_FCE_NAMES = {
-    "AP": "AP_all",
-    "AP50": "AP_50",
-    "AP75": "AP_75",
-    "APs": "AP_small",
-    "APm": "AP_medium",
-    "APl": "AP_large",
-    "APr": "APr",
-    "APc": "APc",
-    "APf": "APf",
-}
+#: Image x category pairs scored at a time. faster-coco-eval keeps about 1 KB for each pair of
+#: the categories it is given; LVIS v1 val has 19,809 x 1,203 = 24M (some 24 GB at once), so
+#: the categories are scored in chunks (each category's precision is its own; the metrics are
+#: computed over the joined array).
+_PAIRS_PER_CHUNK = 1_000_000
 
 CSV_COLUMNS = ("id", "name", "frequency", "image_count", "instance_count", "ap")
 #: Added to the per-category CSV after :func:`add_train_counts`.
@@ -551,19 +546,26 @@ def _evaluate(gt, detections, iou_type: str, max_dets: int) -> dict:
         {"images": gt_dict["images"], "categories": gt_dict["categories"], "annotations": dts},
         print_function=quiet,
     )
-    evaluator = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, lvis_style=True, print_function=quiet)
-    evaluator.params.maxDets = [max_dets]
-    evaluator.evaluate()
-    evaluator.accumulate()
-    evaluator.summarize()
-    stats = evaluator.stats_as_dict
-
-    result: dict = {name: float(stats[_FCE_NAMES[name]]) for name in METRICS}
-    # precision: [IoU thresholds, recall points, categories, area ranges, max dets]
-    precision = np.asarray(evaluator.eval["precision"])[:, :, :, 0, -1]
+    cat_ids = sorted(coco_gt.getCatIds())
+    per_chunk = max(1, _PAIRS_PER_CHUNK // max(1, len(gt_dict["images"])))
+    precisions = []
+    for start in range(0, len(cat_ids), per_chunk):
+        evaluator = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, lvis_style=True, print_function=quiet)
+        evaluator.params.catIds = cat_ids[start:start + per_chunk]
+        evaluator.params.maxDets = [max_dets]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        # precision: [IoU thresholds, recall points, categories, area ranges, max dets]
+        precisions.append(np.asarray(evaluator.eval["precision"])[..., -1])
+        params = evaluator.params
+        del evaluator  # its image x category tables go before the next chunk's are made
+    precision = np.concatenate(precisions, axis=2)
+    frequency = {cat["id"]: freq for cat, freq in zip(ann.categories, ann.frequency)}
+    result: dict = _summary(precision, params.iouThrs, params.areaRngLbl, [frequency[c] for c in cat_ids])
+    precision = precision[:, :, :, params.areaRngLbl.index("all")]
     by_id = {cat["id"]: (cat, freq) for cat, freq in zip(ann.categories, ann.frequency)}
     per_category = []
-    for k, cat_id in enumerate(evaluator.params.catIds):
+    for k, cat_id in enumerate(cat_ids):
         cat, freq = by_id[int(cat_id)]
         p = precision[:, :, k]
         valid = p[p > -1]
@@ -587,6 +589,28 @@ def _evaluate(gt, detections, iou_type: str, max_dets: int) -> dict:
         per_category=per_category,
     )
     return result
+
+
+def _summary(precision: np.ndarray, iou_thrs, area_labels: list, frequency: list) -> dict:
+    """The nine metrics from the LVIS precision array [IoU thresholds, recall points,
+    categories, area ranges]: each the mean of its entries that are not -1 (-1 when there are
+    none), as faster-coco-eval's and lvis-api's ``summarize`` take them; ``frequency`` is each
+    category's group letter."""
+
+    def mean(s: np.ndarray) -> float:
+        valid = s[s > -1]
+        return float(valid.mean()) if valid.size else -1.0
+
+    every = area_labels.index("all")
+    out = {"AP": mean(precision[..., every]),
+           "AP50": mean(precision[np.where(iou_thrs == 0.5)[0]][..., every]),
+           "AP75": mean(precision[np.where(iou_thrs == 0.75)[0]][..., every])}
+    for name, label in (("APs", "small"), ("APm", "medium"), ("APl", "large")):
+        out[name] = mean(precision[..., area_labels.index(label)])
+    frequency = np.asarray(frequency)
+    for group in GROUPS:
+        out[f"AP{group}"] = mean(precision[:, :, frequency == group, every])
+    return out
 
 
 # --------------------------------------------------------------------------- reporting
