@@ -1,32 +1,44 @@
 """``benchmarks/lvis_scale.py``'s memory figures: what BENCHMARKS.md's "workers stay flat" rests on."""
 
-import os
+import json
+import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
 lvis_scale = pytest.importorskip("lvis_scale")
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
 
 
-def test_private_heap_sees_memory_a_process_writes_and_not_a_file_it_maps(tmp_path):
-    before = lvis_scale._smaps(os.getpid())
-    block = np.ones(64 * 2**20 // 8)  # 64 MiB of private, written, anonymous pages
-    after = lvis_scale._smaps(os.getpid())
-    assert after["heap"] - before["heap"] == pytest.approx(64 / 1024, abs=8 / 1024)
+_PROBE = """
+import json, os, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from lvis_scale import _smaps
+before = _smaps(os.getpid())
+block = np.ones(64 * 2**20 // 8)  # 64 MiB of private, written, anonymous pages
+after = _smaps(os.getpid())
+with open(sys.argv[2], "wb") as f:
+    f.write(b"\\1" * (32 * 2**20))
+mapped = np.memmap(sys.argv[2], dtype=np.uint8, mode="r")
+int(mapped.sum())  # read every page: file-backed, counted in RSS but not in the heap
+read = _smaps(os.getpid())
+print(json.dumps([before, after, read]))
+"""
 
-    path = tmp_path / "mapped.bin"
-    path.write_bytes(b"\1" * (32 * 2**20))
-    mapped = np.memmap(path, dtype=np.uint8, mode="r")
-    int(mapped.sum())  # read every page: file-backed, counted in RSS but not in the heap
-    read = lvis_scale._smaps(os.getpid())
+
+def test_private_heap_sees_memory_a_process_writes_and_not_a_file_it_maps(tmp_path):
+    # a fresh process: in the test run's own, freed memory of earlier tests may be reused
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(BENCHMARKS), str(tmp_path / "mapped.bin")],
+                         capture_output=True, text=True, check=True)
+    before, after, read = json.loads(out.stdout)
+    assert after["heap"] - before["heap"] == pytest.approx(64 / 1024, abs=8 / 1024)
     assert read["rss"] - after["rss"] >= 24 / 1024
     assert abs(read["heap"] - after["heap"]) < 8 / 1024
-    del block, mapped
 
 
 def _samples(heaps_per_worker):
