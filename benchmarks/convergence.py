@@ -17,7 +17,8 @@ Initialisations (``--inits``):
     up_drcl_long   the same, LONG iterations
     labels         the labels-only control: ``tail_gain.py``'s supervised row (cross-entropy on
                    ground-truth box crops of the target set) for as many counted FLOPs as
-                   drcl_long's pre-training (its iterations are worked out per seed)
+                   drcl_long's pre-training (its iterations are worked out per seed from
+                   one-step counts; the record's ``matched_to`` keeps the target)
     paper          the paper's own form at LONG iterations: self-supervised LCL
                    (``model.supervised=false``) on 8 boxes per image from a class-agnostic
                    detector (``tail_gain.py``'s boxes_detector row, ``--detector-iters``);
