@@ -66,6 +66,7 @@ table takes hours on a CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -77,6 +78,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from drcl.atomic import write_json
 from drcl.config import load_config
@@ -119,9 +121,11 @@ OVERRIDES = {**ROWS, **DIAGNOSTIC}
 METRICS = ("AP", "APr", "APc", "APf")
 
 
-def supervised_pretrain(cfg: dict, out: Path) -> Path:
+def supervised_pretrain(cfg: dict, out: Path) -> dict:
     """Cross-entropy on ground-truth box crops (RoIAlign -> box head -> linear), through the
-    same two-view pipeline (view 1 only), for ``train.max_iters`` iterations."""
+    same two-view pipeline (view 1 only), for ``train.max_iters`` iterations. Returns the
+    trainer's kind of summary: ``encoder`` (path), ``iterations`` and ``flops_per_iter`` (the
+    first step's forward + backward, counted as :mod:`drcl.engine.trainer` counts them)."""
     t, d = cfg["train"], cfg["data"]
     torch.manual_seed(cfg["seed"])
     ann = load_annotations(d["train_json"], d["train_images"])
@@ -135,7 +139,7 @@ def supervised_pretrain(cfg: dict, out: Path) -> Path:
     params = list(encoder.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=t["lr"], momentum=0.9, weight_decay=t["weight_decay"])
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    it, epoch = 0, 0
+    it, epoch, flops = 0, 0, None
     while it < t["max_iters"]:
         sampler.set_epoch(epoch)
         for images, _, targets, _ in loader:
@@ -148,16 +152,18 @@ def supervised_pretrain(cfg: dict, out: Path) -> Path:
             lr = t["lr"] * min(1.0, (it + 1) / max(1, t["warmup_iters"]))
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = nn.functional.cross_entropy(head(encoder((images - mean) / std, boxes)["roi"]), labels)
-            opt.zero_grad()
-            loss.backward()
+            with FlopCounterMode(display=False) if flops is None else contextlib.nullcontext() as counter:
+                loss = nn.functional.cross_entropy(head(encoder((images - mean) / std, boxes)["roi"]), labels)
+                opt.zero_grad()
+                loss.backward()
+            flops = counter.get_total_flops() if flops is None else flops
             nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
             it += 1
         epoch += 1
     out.mkdir(parents=True, exist_ok=True)
     torch.save(encoder.state_dict(), out / "encoder.pt")
-    return out / "encoder.pt"
+    return {"encoder": str(out / "encoder.pt"), "iterations": it, "flops_per_iter": flops}
 
 
 def weight_change(weights: str, cfg: dict) -> float:
@@ -184,6 +190,18 @@ def _upstream_file(data: Path) -> Path:
     return data.parent / f"upstream-{data.name}" / "run" / "classifier.pt"
 
 
+def write_flops(run: Path, summary: dict) -> None:
+    """Keep a made-once run's counted compute (the trainer's summary) beside it, in flops.json:
+    ``benchmarks/convergence.py`` adds it to the pre-training's FLOPs."""
+    write_json(run / "flops.json", {"iterations": summary["iterations"], "flops_per_iter": summary["flops_per_iter"]})
+
+
+def read_flops(run: Path) -> float:
+    """The counted FLOPs of a run that :func:`write_flops` recorded."""
+    flops = json.loads((run / "flops.json").read_text())
+    return flops["iterations"] * flops["flops_per_iter"]
+
+
 def make_upstream(data: Path, args, seed: int) -> str:
     """The seed's ImageNet stand-in: a balanced generated set of classes the target lacks, and
     ``drcl upstream``'s classifier of its box crops (made once)."""
@@ -196,11 +214,17 @@ def make_upstream(data: Path, args, seed: int) -> str:
                    seed=seed)
     result = upstream(load_config("tiny_upstream", config_overrides(up_data) + _threads(args) + [
         f"seed={seed}", f"train.max_iters={args.upstream_iters}"]), classifier.parent)
+    write_flops(classifier.parent, result)
     return f"{result['classifier']} (val top-1 {result['val_top1']:.3f})"
 
 
 def _proposals_file(data: Path, row: str) -> Path:
     return data.parent / f"proposals-{data.name}" / f"{row.removeprefix('boxes_')}.json"
+
+
+def proposal_overrides(data: Path, row: str) -> list[str]:
+    """Pre-training overrides that read a box-source row's proposals."""
+    return ["data.boxes=proposals", f"data.proposals={_proposals_file(data, row)}"]
 
 
 def make_proposals(data: Path, args, seed: int, row: str) -> str:
@@ -218,7 +242,7 @@ def make_proposals(data: Path, args, seed: int, row: str) -> str:
         cfg = _finetune_cfg(data, seed, args, args.finetune_iters)
         cfg["data"]["class_agnostic"] = True
         run = path.parent / "detector"
-        finetune(cfg, run, evaluate=False)
+        write_flops(run, finetune(cfg, run, evaluate=False))
         records, seconds = detector_proposals(ann, run / "checkpoints" / "last.pt", cfg, progress=False)
     write_proposals(path, records)
     return f"{path} ({seconds * 1000:.0f} ms per image)"
@@ -260,13 +284,12 @@ def run_row(row: str, seed: int, data: Path, out: Path, args) -> dict:
     if OVERRIDES[row] == "proposals":
         record["proposals"] = make_proposals(data, args, seed, row)
         start = time.perf_counter()
-        pretrain(load_config("tiny", base + ["data.boxes=proposals", f"data.proposals={_proposals_file(data, row)}"]),
-                 out / "pretrain")
+        pretrain(load_config("tiny", base + proposal_overrides(data, row)), out / "pretrain")
         weights = str(out / "pretrain" / "encoder.pt")
     elif OVERRIDES[row] == "supervised":
         if args.upstream:
             raise SystemExit("tail_gain: the supervised row is not defined with --upstream")
-        weights = str(supervised_pretrain(load_config("tiny", base), out / "pretrain"))
+        weights = supervised_pretrain(load_config("tiny", base), out / "pretrain")["encoder"]
     elif OVERRIDES[row] is not None:
         pretrain(load_config("tiny", base + OVERRIDES[row]), out / "pretrain")
         weights = str(out / "pretrain" / "encoder.pt")

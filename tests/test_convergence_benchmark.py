@@ -1,0 +1,137 @@
+"""``benchmarks/convergence.py`` (issue 28): the stop rule, the curves and the table on
+hand-written records, then the ``--smoke`` run end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import convergence  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+LENGTHS = [220, 440, 880, 1760, 3520]
+STEP_2DRCL, STEP_FT = 86e9, 43e9  # counted FLOPs of one step, about the tiny preset's
+
+
+def record(init, seed, length, ap, apr=None, pretrain_iters=0, pretrain_flops=0.0):
+    return {"init": init, "seed": seed, "finetune_iters": length, "pretrain_iters": pretrain_iters,
+            "pretrain_flops": pretrain_flops, "finetune_flops": length * STEP_FT,
+            "detection": {"AP": ap, "APr": ap / 2 if apr is None else apr, "APc": ap, "APf": ap}}
+
+
+def walk(curve_ap, lengths=LENGTHS, until_converged=True, max_length=14080):
+    """The lengths run_grid runs when random init's mean AP at each length is ``curve_ap``."""
+    done = []
+    while (n := convergence.next_length(lengths, done, {k: curve_ap[k] for k in done}, until_converged,
+                                        max_length)) is not None:
+        done.append(n)
+    return done
+
+
+def test_stop_rule_stops_at_the_first_length_gaining_under_one_ap():
+    # random init gains 5, 3, then 0.5 AP: the 1,760 run is the converged one, 3,520 is not run
+    curve_ap = {220: 10.0, 440: 15.0, 880: 18.0, 1760: 18.5, 3520: 18.7}
+    assert walk(curve_ap) == [220, 440, 880, 1760]
+    assert convergence.converged_length({n: curve_ap[n] for n in (220, 440, 880, 1760)}) == 1760
+    assert convergence.converged_length({n: curve_ap[n] for n in (220, 440, 880)}) is None
+    assert walk(curve_ap, until_converged=False) == LENGTHS  # the rule is off: every length
+    # a gain of exactly 1 AP is not under 1: go on; the list runs out, so double, up to --max-length
+    rising = {220 * 2 ** k: 10.0 + k for k in range(8)}
+    assert walk(rising, lengths=[220, 440], max_length=3520) == [220, 440, 880, 1760, 3520]
+    assert convergence.converged_length({220: 10.0, 440: 10.99}) == 440
+
+
+def test_curve_is_the_seed_mean_with_its_min_max_band():
+    records = [record("drcl_short", s, 220, ap, pretrain_iters=300, pretrain_flops=300 * STEP_2DRCL)
+               for s, ap in enumerate((0.10, 0.12, 0.17))]
+    records.append(record("drcl_short", 3, 220, 0.11, apr=-1.0, pretrain_iters=300, pretrain_flops=300 * STEP_2DRCL))
+    (p,) = convergence.curve(records[:3], "drcl_short", "AP")
+    assert (p["x"], p["seeds"]) == (220, 3)
+    assert p["mean"] == pytest.approx(13.0) and (p["lo"], p["hi"]) == pytest.approx((10.0, 17.0))
+    assert p["std"] == pytest.approx(3.6056, abs=1e-4)  # sample std over seeds, as the table's ±
+    (p,) = convergence.curve(records, "drcl_short", "APr")  # -1: the val set lacks the group
+    assert p["seeds"] == 3 and p["mean"] == pytest.approx(6.5)
+    assert convergence.curve(records, "random", "AP") == []
+
+
+def test_flops_axis_adds_the_pre_training_to_the_fine_tuning():
+    records = [record("random", s, n, 0.1) for s in (0, 1) for n in (220, 440)]
+    records += [record("drcl_long", s, n, 0.1, pretrain_iters=1000, pretrain_flops=(1000 + s) * STEP_2DRCL)
+                for s in (0, 1) for n in (220, 440)]
+    assert [p["x"] for p in convergence.curve(records, "random", "AP", "flops")] == [220 * STEP_FT, 440 * STEP_FT]
+    drcl = convergence.curve(records, "drcl_long", "AP", "flops")
+    assert [p["x"] for p in drcl] == pytest.approx([1000.5 * STEP_2DRCL + n * STEP_FT for n in (220, 440)])
+    assert [p["x"] for p in convergence.curve(records, "drcl_long", "AP")] == [220, 440]
+
+
+def test_table_is_at_the_longest_length(tmp_path):
+    records = [record("random", s, n, ap) for s in (0, 1, 2) for n, ap in ((880, 0.30), (1760, 0.305 + s / 100))]
+    records += [record("drcl_short", s, n, ap, pretrain_iters=300, pretrain_flops=300 * STEP_2DRCL)
+                for s, ap in enumerate((0.10, 0.12, 0.17)) for n in (880, 1760)]
+    records.append(record("paper", 0, 1760, 0.2, pretrain_iters=1000, pretrain_flops=1000 * STEP_2DRCL))
+    text = convergence.table(records)
+    assert text.startswith("At 1760 fine-tuning iterations")
+    assert "| random init | 0 | 3 | 31.5 ± 1.0 |" in text
+    assert "| 2DRCL 300 | 300 | 3 | 13.0 ± 3.6 |" in text
+    assert "| paper's form 1000" in text and "| 1 | 20.0 ± 0.0 |" in text
+    assert f"| {300 * STEP_2DRCL / 1e12:,.1f} | {(300 * STEP_2DRCL + 1760 * STEP_FT) / 1e12:,.1f} |" in text
+    assert "+1.5 AP from 880 to 1760 iterations; not converged yet." in text
+    assert "converged (under 2 AP) at 1760." in convergence.table(records, min_gain=2.0)
+
+
+def test_smoke_run_end_to_end(tmp_path):
+    """Toy sizes, the inits whose starts differ in kind (the 2DRCL-from-upstream ones combine
+    two of them): one run, its records, figures and table, its FLOPs, and a rerun that skips."""
+    out = tmp_path / "out"
+    inits = ["random", "drcl_short", "upstream", "labels", "paper"]
+    argv = ["--smoke", "--out", str(out), "--inits", *inits]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convergence.py"), *argv], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    records = {(r["init"], r["finetune_iters"]): r for r in convergence.load_records(out)}
+    short, long = convergence.SMOKE["pretrain_iters"]
+    assert set(records) == {(i, n) for i in inits if i != "paper" for n in (1, 2)} | {("paper", 2)}
+    for r in records.values():
+        assert r["seed"] == 0 and r["finetune_flops"] == r["finetune_iters"] * r["finetune_flops_per_iter"] > 0
+        assert set(convergence.METRICS) <= set(r["detection"])
+        assert r["pretrain_flops"] == sum(r["pretrain_flops_parts"].values())
+    for n in (1, 2):
+        random, drcl = records["random", n], records["drcl_short", n]
+        assert random["pretrain_flops"] == 0 and random["weights"] is None
+        assert drcl["pretrain_iters"] == short and drcl["pretrain_flops"] > 0
+        # same fine-tuning length: the pre-trained cell costs its pre-training more
+        assert convergence.total_flops(drcl) - convergence.total_flops(random) == pytest.approx(
+            drcl["pretrain_flops"], rel=0.01)
+    up = records["upstream", 2]
+    assert up["weights"].endswith("classifier.pt") and set(up["pretrain_flops_parts"]) == {"upstream"}
+    labels = records["labels", 2]  # as many counted FLOPs as 2DRCL's LONG pre-training, to one step
+    target = labels["matched_to"]["2drcl_iters"] * labels["matched_to"]["2drcl_flops_per_iter"]
+    assert labels["matched_to"]["2drcl_iters"] == long and labels["pretrain_iters"] > long
+    step = labels["pretrain_flops"] / labels["pretrain_iters"]
+    assert target <= labels["pretrain_flops"] < target + step
+    paper = records["paper", 2]
+    assert set(paper["pretrain_flops_parts"]) == {"proposals", "pretrain"} and paper["pretrain_iters"] == long
+    assert "proposals" in paper
+
+    table = (out / "table.md").read_text()
+    assert table.startswith("At 2 fine-tuning iterations") and "converged (under 1 AP) at 2." in table
+    for name in ("random init", f"2DRCL {short}", "upstream stand-in", "labels only", "paper's form"):
+        assert f"| {name}" in table, name
+    figures = [out / "ap_vs_iters.png", out / "ap_vs_flops.png"]
+    assert all(p.stat().st_size > 10_000 for p in figures)
+    assert len(json.loads((out / "results.json").read_text())) == len(records)
+
+    # a rerun finds everything finished and trains nothing; the report is made again from the records
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*-seed0/**/*.json")}
+    for p in figures + [out / "table.md"]:
+        p.unlink()
+    args = convergence.parse_args(argv)
+    convergence.run_grid(args, out)
+    convergence.report(out, args.min_gain)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*-seed0/**/*.json")} == stamps
+    assert all(p.exists() for p in figures) and (out / "table.md").read_text() == table
