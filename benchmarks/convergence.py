@@ -389,8 +389,9 @@ def report(out: Path, min_gain: float) -> None:
     text = table(records, min_gain)
     (out / "table.md").write_text(text + "\n")
     figures = plot(records, out)
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    threads = sorted({r.get("threads") for r in records if r.get("threads")})
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+          f"fine-tuning threads per process: {', '.join(map(str, threads)) or 'not recorded'}")
     print(text)
     print("wrote " + ", ".join(str(p) for p in [out / "table.md", out / "results.json", *figures]))
 
