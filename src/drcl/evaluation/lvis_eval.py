@@ -560,21 +560,18 @@ def _evaluate(gt, detections, iou_type: str, max_dets: int) -> dict:
         params = evaluator.params
         del evaluator  # its image x category tables go before the next chunk's are made
     precision = np.concatenate(precisions, axis=2)
-    frequency = {cat["id"]: freq for cat, freq in zip(ann.categories, ann.frequency)}
-    result: dict = _summary(precision, params.iouThrs, params.areaRngLbl, [frequency[c] for c in cat_ids])
-    precision = precision[:, :, :, params.areaRngLbl.index("all")]
     by_id = {cat["id"]: (cat, freq) for cat, freq in zip(ann.categories, ann.frequency)}
+    result: dict = _summary(precision, params.iouThrs, params.areaRngLbl, [by_id[c][1] for c in cat_ids])
+    precision = precision[:, :, :, params.areaRngLbl.index("all")]
     per_category = []
     for k, cat_id in enumerate(cat_ids):
         cat, freq = by_id[int(cat_id)]
-        p = precision[:, :, k]
-        valid = p[p > -1]
         per_category.append(
             {
                 "id": cat["id"],
                 "name": cat["name"],
                 "frequency": freq,
-                "ap": float(valid.mean()) if valid.size else -1.0,
+                "ap": _mean_valid(precision[:, :, k]),
                 "image_count": cat.get("image_count"),
                 "instance_count": cat.get("instance_count"),
             }
@@ -591,25 +588,26 @@ def _evaluate(gt, detections, iou_type: str, max_dets: int) -> dict:
     return result
 
 
+def _mean_valid(s: np.ndarray) -> float:
+    """The mean of the precision entries that are not -1, or -1 when there are none."""
+    valid = s[s > -1]
+    return float(valid.mean()) if valid.size else -1.0
+
+
 def _summary(precision: np.ndarray, iou_thrs, area_labels: list, frequency: list) -> dict:
     """The nine metrics from the LVIS precision array [IoU thresholds, recall points,
     categories, area ranges]: each the mean of its entries that are not -1 (-1 when there are
     none), as faster-coco-eval's and lvis-api's ``summarize`` take them; ``frequency`` is each
     category's group letter."""
-
-    def mean(s: np.ndarray) -> float:
-        valid = s[s > -1]
-        return float(valid.mean()) if valid.size else -1.0
-
     every = area_labels.index("all")
-    out = {"AP": mean(precision[..., every]),
-           "AP50": mean(precision[np.where(iou_thrs == 0.5)[0]][..., every]),
-           "AP75": mean(precision[np.where(iou_thrs == 0.75)[0]][..., every])}
+    out = {"AP": _mean_valid(precision[..., every]),
+           "AP50": _mean_valid(precision[np.where(iou_thrs == 0.5)[0]][..., every]),
+           "AP75": _mean_valid(precision[np.where(iou_thrs == 0.75)[0]][..., every])}
     for name, label in (("APs", "small"), ("APm", "medium"), ("APl", "large")):
-        out[name] = mean(precision[..., area_labels.index(label)])
+        out[name] = _mean_valid(precision[..., area_labels.index(label)])
     frequency = np.asarray(frequency)
     for group in GROUPS:
-        out[f"AP{group}"] = mean(precision[:, :, frequency == group, every])
+        out[f"AP{group}"] = _mean_valid(precision[:, :, frequency == group, every])
     return out
 
 
