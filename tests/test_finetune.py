@@ -169,3 +169,46 @@ def test_class_agnostic_detector_makes_proposals(tmp_path, ft_args, small_data, 
     with open(tmp_path / "again" / "per_category_bbox.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["train_instance_count"]) for r in rows] == [len(json.loads(train_json.read_text())["annotations"])]
+
+
+class _Killed(Exception):
+    """Stands for the process dying right after a checkpoint was written."""
+
+
+@pytest.mark.parametrize("updates", [2, 3], ids=["checkpoint-mid-round", "checkpoint-at-round-end"])
+def test_resume_after_a_kill_computes_what_the_uninterrupted_run_does(tmp_path, ft_args, monkeypatch, updates):
+    """Rounds of 3 and of 2 iterations, killed after the checkpoint of iteration 2. The detector's
+    RPN / RoI samplers draw from the global RNG, so anything else that draws from it between a
+    checkpoint and the next step (making the loader's iterator did) breaks the resume."""
+    import drcl.engine.trainer as trainer
+    from drcl.config import load_config
+    from drcl.finetune import finetune
+
+    monkeypatch.chdir(ROOT)
+    cfg = load_config("configs/tiny_finetune.yaml", ft_args + ["train.max_iters=6", f"sampler.updates={updates}"])
+    finals = {}
+    save = trainer.save_checkpoint
+
+    def keep(obj, path):
+        finals[path] = {k: v.clone() for k, v in obj["model"].items()}
+        return save(obj, path)
+
+    def keep_then_die(obj, path):
+        keep(obj, path)
+        raise _Killed
+
+    monkeypatch.setattr(trainer, "save_checkpoint", keep)
+    finetune(cfg, tmp_path / "whole", evaluate=False)
+    monkeypatch.setattr(trainer, "save_checkpoint", keep_then_die)
+    with pytest.raises(_Killed):
+        finetune(cfg, tmp_path / "cut", evaluate=False)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["iteration"] == 2
+    monkeypatch.setattr(trainer, "save_checkpoint", keep)
+    finetune(cfg, tmp_path / "cut", evaluate=False, resume=True)
+
+    whole, cut = (finals[tmp_path / run / "checkpoints" / "last.pt"] for run in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    losses = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("whole", "cut")}  # log_every 1: each row is one step's loss
+    assert [r["iter"] for r in losses["cut"]] == list(range(1, 7))
+    assert [r["loss"] for r in losses["cut"]] == [r["loss"] for r in losses["whole"]]

@@ -169,10 +169,15 @@ def make_loader(cfg: dict, ann: Annotations, dataset, collate, info: DistInfo):
     sampler = RepeatFactorSampler(ann.image_index, ann.category_index, ann.num_images, ann.num_categories,
                                   mode=mode, threshold=s["threshold"], seed=cfg["seed"], rank=info.rank,
                                   world_size=world, **kwargs)
-    # pinned batches cross to a GPU as queued copies (from pageable memory every copy waits)
+    # pinned batches cross to a GPU as queued copies (from pageable memory every copy waits).
+    # The loader draws its workers' base seed from a generator of its own (the samples are seeded
+    # by SeededSampler, so nothing reads it): from the global one, each iter(loader) would move
+    # the stream the detector's RPN / RoI samplers draw from, and a resumed run, which makes its
+    # iterator again mid-round, would not compute what the uninterrupted one does.
     loader = DataLoader(SeededDataset(dataset), batch_size=batch, sampler=SeededSampler(sampler, cfg["seed"]),
                         collate_fn=collate, num_workers=d["workers"], persistent_workers=d["workers"] > 0,
-                        drop_last=True, pin_memory=pick_device(t["device"]).type == "cuda")
+                        drop_last=True, pin_memory=pick_device(t["device"]).type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg["seed"]))
     return sampler, loader, round_iters
 
 
