@@ -30,8 +30,10 @@ tables and these curves describe the same runs at 220 iterations. One pre-traini
 (init, seed), in OUT/<init>-seed<S>/ (record pretrain.json), serves every length; each
 (init, seed, length) writes OUT/<init>-seed<S>/L<length>/record.json (AP, APr, APc, APf and the
 rest of the LVIS-rule bbox metrics, fine-tuning and pre-training iterations, counted FLOPs).
-A rerun skips what is finished and starts unfinished runs over; the fine-tuning checkpoints are
-deleted once scored (the pre-training keeps its encoder.pt).
+A rerun skips what is finished, goes on with an unfinished fine-tuning from its last checkpoint
+(every ``--checkpoint-every`` 200 iterations; resume is exact, so a long cell can span several
+sittings) and starts an unfinished pre-training over; the fine-tuning checkpoints are deleted
+once scored (the pre-training keeps its encoder.pt).
 
 Compute is counted as ``drcl demo`` counts it: the trainer's FLOPs of one step (forward +
 backward, :mod:`drcl.engine.trainer`) times the iterations. A cell's pre-training FLOPs are
@@ -87,6 +89,7 @@ import torch
 
 from drcl.atomic import write_json
 from drcl.config import load_config
+from drcl.engine.checkpoint import load_checkpoint
 from drcl.evaluation.lvis_eval import METRICS as BBOX_METRICS
 from drcl.finetune import finetune
 from drcl.pretrain import pretrain
@@ -179,21 +182,28 @@ def pretrain_init(name: str, seed: int, data: Path, run: Path, args) -> dict:
 
 def finetune_cell(name: str, seed: int, length: int, data: Path, run: Path, args) -> dict:
     """One (init, seed, length): fine-tune from the init's pre-training for ``length``
-    iterations on its own schedule, score it, write L<length>/record.json."""
+    iterations on its own schedule, score it, write L<length>/record.json. A cell that an
+    earlier call left unfinished goes on from its last checkpoint (``--checkpoint-every``), as
+    ``drcl finetune --resume`` does; the record's ``resumed_from`` says from which iteration
+    (its ``finetune_s`` is then this call's part only)."""
     cell = run / f"L{length}"
-    _clear(cell, "log.txt")
+    last = cell / "finetune" / "checkpoints" / "last.pt"
+    resumed_from = load_checkpoint(last)["iteration"] if last.exists() else None
+    if resumed_from is None:
+        _clear(cell, "log.txt")
     if args.threads:
         torch.set_num_threads(args.threads)
     pre = json.loads((run / "pretrain.json").read_text())
+    cfg = tg._finetune_cfg(data, seed, _tail_gain_args(args), length)
+    cfg["train"]["checkpoint_every"] = min(length, args.checkpoint_every)
     start = time.perf_counter()
-    result = finetune(tg._finetune_cfg(data, seed, _tail_gain_args(args), length), cell / "finetune",
-                      init=pre["weights"])
+    result = finetune(cfg, cell / "finetune", init=pre["weights"], resume=resumed_from is not None)
     shutil.rmtree(cell / "finetune" / "checkpoints", ignore_errors=True)  # ~100 MB a cell
     bbox = result["eval"]["bbox"]
     record = {**pre, "finetune_iters": result["iterations"], "finetune_flops_per_iter": result["flops_per_iter"],
               "finetune_flops": result["iterations"] * result["flops_per_iter"],
               "finetune_s": time.perf_counter() - start, "threads": torch.get_num_threads(),
-              "detection": {m: bbox[m] for m in BBOX_METRICS}}
+              "resumed_from": resumed_from, "detection": {m: bbox[m] for m in BBOX_METRICS}}
     write_json(cell / "record.json", record)
     return record
 
@@ -416,6 +426,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--upstream-images", type=int, default=1000)
     ap.add_argument("--upstream-iters", type=int, default=300)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: the configs')")
+    ap.add_argument("--checkpoint-every", type=int, default=200,
+                    help="fine-tuning iterations between checkpoints; a rerun goes on from the last one")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     ap.add_argument("--report-only", action="store_true", help="figures and table from the records, run nothing")
     ap.add_argument("--smoke", action="store_true",

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,3 +136,50 @@ def test_smoke_run_end_to_end(tmp_path):
     convergence.report(out, args.min_gain)
     assert {p: p.stat().st_mtime_ns for p in out.glob("*-seed0/**/*.json")} == stamps
     assert all(p.exists() for p in figures) and (out / "table.md").read_text() == table
+
+
+class _Killed(Exception):
+    """Stands for the process dying right after a checkpoint was written."""
+
+
+def test_an_interrupted_cell_goes_on_from_its_last_checkpoint_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    """A 3,520-iteration cell is an hour here and more than one sitting's worth on a shared
+    machine: a rerun must continue it exactly, not start it over or restart its schedule."""
+    import drcl.engine.trainer as trainer
+
+    args = convergence.parse_args(["--smoke", "--out", str(tmp_path), "--checkpoint-every", "2"])
+    data = tmp_path / "data"
+    convergence.tg.make_data(data, args, 0)
+    runs = {name: tmp_path / name for name in ("whole", "cut")}
+    for run in runs.values():
+        convergence.pretrain_init("random", 0, data, run, args)
+    whole = convergence.finetune_cell("random", 0, 4, data, runs["whole"], args)
+
+    save = trainer.save_checkpoint
+
+    def save_then_die(obj, path):
+        save(obj, path)
+        raise _Killed
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        convergence.finetune_cell("random", 0, 4, data, runs["cut"], args)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    cut = convergence.finetune_cell("random", 0, 4, data, runs["cut"], args)
+
+    assert whole["resumed_from"] is None and cut["resumed_from"] == 2
+    assert cut["finetune_iters"] == whole["finetune_iters"] == 4
+    assert cut["detection"] == whole["detection"]
+
+    def read(run, name):
+        return [json.loads(line) for line in (run / "L4" / "finetune" / name).read_text().splitlines()]
+
+    # the same weights at the end: the same detections, scores and boxes included
+    # (tests/test_finetune.py compares the weights and every step's loss of drcl finetune --resume)
+    detections = [json.loads((run / "L4" / "finetune" / "eval" / "detections.json").read_text())
+                  for run in runs.values()]
+    a, b = (np.array([(d["image_id"], d["category_id"], d["score"], *d["bbox"]) for d in dets]) for dets in detections)
+    assert len(a) > 0 and a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert [r["iter"] for r in read(runs["cut"], "metrics.jsonl")] == [r["iter"] for r in read(runs["whole"], "metrics.jsonl")]
+    assert not (runs["cut"] / "L4" / "finetune" / "checkpoints").exists()  # ~100 MB a cell, deleted once scored
