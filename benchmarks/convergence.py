@@ -90,6 +90,7 @@ import torch
 from drcl.atomic import write_json
 from drcl.config import load_config
 from drcl.engine.checkpoint import load_checkpoint
+from drcl.evaluation.curves import converged_length, curve, plot_curves, reduce, total_flops
 from drcl.evaluation.lvis_eval import METRICS as BBOX_METRICS
 from drcl.finetune import finetune
 from drcl.pretrain import pretrain
@@ -215,38 +216,10 @@ def load_records(out: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- pure: stop rule, curves, table
 
 
-def total_flops(record: dict) -> float:
-    """A cell's total training compute: everything its start cost plus its fine-tuning."""
-    return record["pretrain_flops"] + record["finetune_flops"]
 
 
-def curve(records: list[dict], init: str, metric: str, axis: str = "iters") -> list[dict]:
-    """One init's points, one per fine-tuning length: ``x`` (the length for ``axis="iters"``,
-    the mean over seeds of :func:`total_flops` for ``"flops"``), and over the seeds that have
-    the metric (in AP points; a group the val set lacks reads -1 and is left out): ``mean``,
-    ``std`` (0 for one seed), ``lo`` and ``hi`` (min and max), ``seeds``."""
-    points = []
-    mine = [r for r in records if r["init"] == init]
-    for length in sorted({r["finetune_iters"] for r in mine}):
-        at = [r for r in mine if r["finetune_iters"] == length]
-        values = [100 * r["detection"][metric] for r in at
-                  if r["detection"].get(metric) is not None and r["detection"][metric] >= 0]
-        if not values:
-            continue
-        x = length if axis == "iters" else statistics.fmean(total_flops(r) for r in at)
-        points.append({"x": x, "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1
-                       else 0.0, "lo": min(values), "hi": max(values), "seeds": len(values)})
-    return points
 
 
-def converged_length(curve_ap: dict[int, float], min_gain: float = 1.0) -> int | None:
-    """The first length at which ``curve_ap`` (length -> mean AP in points) gains under
-    ``min_gain`` over the length before it; None while every step gains more."""
-    lengths = sorted(curve_ap)
-    for before, length in zip(lengths, lengths[1:]):
-        if curve_ap[length] - curve_ap[before] < min_gain:
-            return length
-    return None
 
 
 def random_ap(records: list[dict]) -> dict[int, float]:
@@ -302,49 +275,18 @@ def table(records: list[dict], min_gain: float = 1.0) -> str:
     return "\n".join(lines)
 
 
+def labelled(records: list[dict]) -> list[dict]:
+    """The records in INITS order, each with its legend (:func:`label`)."""
+    order = list(INITS)
+    return [{**r, "label": label(r["init"], records)}
+            for r in sorted(records, key=lambda r: (order.index(r["init"]), r["seed"], r["finetune_iters"]))]
+
+
 def plot(records: list[dict], out: Path) -> list[Path]:
     """ap_vs_iters.png and ap_vs_flops.png: AP and APr per init, mean over seeds with the
     min-max band (a single length: error bars)."""
-    from drcl.data.stats import pyplot
-
-    plt = pyplot("the convergence figures")
-    paths = []
-    for axis, name, xlabel in (("iters", "ap_vs_iters.png", "fine-tuning iterations (batch 4, each its own schedule)"),
-                               ("flops", "ap_vs_flops.png", "total training compute, TFLOP counted "
-                                                            "(pre-training + fine-tuning)")):
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
-        for ax, metric in zip(axes, ("AP", "APr")):
-            for i, init in enumerate(INITS):
-                points = curve(records, init, metric, axis)
-                if not points:
-                    continue
-                scale = 1.0 if axis == "iters" else 1e-12
-                xs = [p["x"] * scale for p in points]
-                means = [p["mean"] for p in points]
-                lo, hi = [p["lo"] for p in points], [p["hi"] for p in points]
-                color = f"C{i}"
-                if len(points) > 1:
-                    ax.plot(xs, means, marker="o", ms=3, color=color, label=label(init, records))
-                    ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
-                else:
-                    ax.errorbar(xs, means, yerr=[[m - a for m, a in zip(means, lo)], [b - m for m, b in zip(means, hi)]],
-                                fmt="D", capsize=3, color=color, label=label(init, records))
-            ax.set_xscale("log")
-            if axis == "iters":
-                lengths = sorted({r["finetune_iters"] for r in records})
-                ax.set_xticks(lengths, [str(n) for n in lengths])
-                ax.set_xticks([], minor=True)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"bbox {metric} (LVIS rules, %)")
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
-        seeds = len({r["seed"] for r in records})
-        fig.suptitle(f"Fine-tuning to convergence: mean over {seeds} seed(s), band min-max", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(out / name)
-        plt.close(fig)
-        paths.append(out / name)
-    return paths
+    return [plot_curves(labelled(records), out / name, axis)
+            for axis, name in (("iters", "ap_vs_iters.png"), ("flops", "ap_vs_flops.png"))]
 
 
 # ----------------------------------------------------------------------------- main
@@ -396,6 +338,8 @@ def report(out: Path, min_gain: float) -> None:
         print(f"no records in {out}")
         return
     write_json(out / "results.json", records)
+    # what drcl demo draws (src/drcl/evaluation/convergence.json is a copy of the committed one)
+    write_json(out / "curves.json", {"records": reduce(labelled(records))})
     text = table(records, min_gain)
     (out / "table.md").write_text(text + "\n")
     figures = plot(records, out)

@@ -183,3 +183,13 @@ def test_an_interrupted_cell_goes_on_from_its_last_checkpoint_and_ends_as_an_uni
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     assert [r["iter"] for r in read(runs["cut"], "metrics.jsonl")] == [r["iter"] for r in read(runs["whole"], "metrics.jsonl")]
     assert not (runs["cut"] / "L4" / "finetune" / "checkpoints").exists()  # ~100 MB a cell, deleted once scored
+
+
+def test_the_curves_drcl_demo_draws_are_the_committed_records():
+    """src/drcl/evaluation/convergence.json is OUT/curves.json of the run whose records are
+    committed under benchmarks/results/: new records committed without it fail here."""
+    from drcl.evaluation.curves import MEASURED, reduce
+
+    shipped = json.loads(MEASURED.read_text())
+    committed = json.loads((ROOT / shipped["source"]).read_text())
+    assert shipped["records"] == reduce(convergence.labelled(committed))

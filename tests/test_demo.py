@@ -24,7 +24,7 @@ def test_demo_writes_a_report_with_both_rows(tmp_path, first_steps, monkeypatch)
     assert "as fractions in [0, 1]" in text and "good reconstruction" in text
     assert "training health" in text and "box embeddings: mean cosine" in text
     for png in ("class_frequency", "sampling_share", "losses", "ap_per_group", "reconstructions", "ap_per_class",
-                "detections"):
+                "detections", "convergence"):
         assert (tmp_path / "demo" / f"{png}.png").read_bytes()[:4] == b"\x89PNG", png
         assert f"({png}.png)" in text
     results = json.loads((tmp_path / "demo" / "results.json").read_text())

@@ -12,6 +12,7 @@ from drcl.config import drcl_config, load_config
 from drcl.data.synthetic import make_dataset
 from drcl.demo import (
     RECONSTRUCTION_CAPTION,
+    plot_convergence,
     plot_losses,
     plot_reconstructions,
     plot_sampling_share,
@@ -19,6 +20,7 @@ from drcl.demo import (
     smooth,
 )
 from drcl.engine.checkpoint import save_checkpoint
+from drcl.evaluation.curves import load_measured, summary
 from drcl.evaluation.lvis_eval import format_results
 
 
@@ -128,3 +130,30 @@ def test_reconstruction_panel_has_its_caption(demo_data, tmp_path, saved_figures
 
     text_top = fig.texts[0].get_window_extent(FigureCanvasAgg(fig).get_renderer()).y1
     assert all(ax.get_window_extent().y0 >= text_top for ax in fig.axes)
+
+
+def test_convergence_figure_puts_the_demos_two_runs_at_their_own_compute_on_the_measured_curves(tmp_path,
+                                                                                             saved_figures):
+    info = {"ft_iters": 110, "extra": 200, "finetune_flops_per_iter": 40e9, "pretrain_flops_per_iter": 80e9}
+    drcl, base = _result(0.05), _result(0.12)
+    drcl["APr"] = -1.0  # a group the val set lacks: no star
+    text = plot_convergence(drcl, base, 60, info, tmp_path / "convergence.png")
+    assert text == summary(load_measured())
+    (fig,) = saved_figures
+    for ax, metric in zip(fig.axes, ("AP", "APr")):
+        lines = {line.get_label(): line for line in ax.lines}
+        stars = {k: (v.get_xdata()[0], v.get_ydata()[0]) for k, v in lines.items() if v.get_marker() == "*"}
+        want = {"this demo: random init": ((110 + 200) * 40e9 / 1e12, 100 * base[metric])}
+        if metric == "AP":
+            want["this demo: 2DRCL"] = ((60 * 80e9 + 110 * 40e9) / 1e12, 5.0)
+        assert stars.keys() == want.keys()
+        for k in want:
+            assert stars[k] == pytest.approx(want[k])
+        # each star has its curve's colour
+        assert lines["this demo: random init"].get_color() == lines["random init"].get_color()
+        assert lines["random init"].get_color() != lines["2DRCL 300"].get_color()
+    assert lines_of(fig.axes[0], "this demo: 2DRCL").get_color() == lines_of(fig.axes[0], "2DRCL 300").get_color()
+
+
+def lines_of(ax, label):
+    return next(line for line in ax.lines if line.get_label() == label)

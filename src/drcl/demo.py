@@ -12,7 +12,8 @@
    ``drcl evaluate`` prints them, for both and the difference) and plots: class frequency,
    sampling share over pre-training, loss curves, AP per group, AR reconstructions, AP per
    class against training instances and both runs' detections on the same val images with
-   rare objects.
+   rare objects; and the measured convergence curves (AP and APr against total compute,
+   :data:`drcl.evaluation.curves.MEASURED`) with the demo's two runs on them.
 
 The settings (:data:`DEMO`) are sized for about 10 minutes on 2 otherwise idle CPU cores.
 """
@@ -34,6 +35,7 @@ from drcl.data.stats import GROUP_COLORS, category_stats, plot_frequency, pyplot
 from drcl.data.synthetic import config_overrides, make_dataset, split_paths
 from drcl.engine.checkpoint import load_checkpoint
 from drcl.engine.health import format_summary
+from drcl.evaluation.curves import load_measured, plot_curves, summary
 from drcl.evaluation.lvis_eval import METRICS as EVAL_METRICS
 from drcl.evaluation.lvis_eval import check_evaluator, plot_ap_vs_frequency_panels
 from drcl.evaluation.visualize import plot_detections_side_by_side
@@ -186,6 +188,24 @@ def plot_losses(out: Path, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_convergence(drcl: dict, base: dict, pretrain_iters: int, info: dict, path: Path) -> str:
+    """The measured curves of AP and APr against total counted compute (random init, 2DRCL,
+    ...; ``benchmarks/convergence.py`` on data generated as the demo's) with the demo's two runs
+    as stars at their own compute; returns the curves' one-sentence summary."""
+    records = load_measured()
+    ft, ff = info["ft_iters"], info["finetune_flops_per_iter"]
+
+    def mark(label, init, result, flops):
+        return {"label": label, "init": init, "x": flops,
+                **{m: 100 * result[m] if result[m] >= 0 else None for m in ("AP", "APr")}}
+
+    marks = [mark("this demo: random init", "random", base, (ft + info["extra"]) * ff),
+             mark("this demo: 2DRCL", "drcl_short", drcl, pretrain_iters * info["pretrain_flops_per_iter"] + ft * ff)]
+    plot_curves(records, path, "flops", marks, title="Longer fine-tuning, measured (lines: mean over seeds, band "
+                "min-max; benchmarks/convergence.py) and this demo's two runs (stars)")
+    return summary(records)
+
+
 def plot_ap_groups(drcl: dict, base: dict, path: Path) -> None:
     plt = pyplot("the demo report")
     x = np.arange(len(METRICS))
@@ -315,6 +335,7 @@ def write_report(out: Path, data: Path, pre_cfg: dict, drcl: dict, base: dict, i
     plot_ap_groups(drcl, base, out / "ap_per_group.png")
     plot_reconstructions(out, data, out / "reconstructions.png")
     plot_per_class(out, data, drcl, base)
+    longer = plot_convergence(drcl, base, pre_cfg["train"]["max_iters"], info, out / "convergence.png")
     groups = stats["groups"]
     lines = [
         "# drcl demo report",
@@ -334,6 +355,10 @@ def write_report(out: Path, data: Path, pre_cfg: dict, drcl: dict, base: dict, i
         "",
         *results_table(drcl, base),
         "",
+        *textwrap.wrap("What longer fine-tuning does, measured on data generated as this demo's (BENCHMARKS.md, "
+                       "\"Convergence\"; the figure at the end puts this demo's two runs on those curves): "
+                       + longer, 100),
+        "",
         "Pre-training health (is each contrastive term learning, and do the exported box embeddings",
         "keep their spread? docs/method.md, \"Training health\"):",
         "",
@@ -352,6 +377,7 @@ def write_report(out: Path, data: Path, pre_cfg: dict, drcl: dict, base: dict, i
         "![AR reconstructions](reconstructions.png)",
         "![AP per class against training instances](ap_per_class.png)",
         "![detections of both runs on the same val images](detections.png)",
+        "![AP and APr against total compute: the measured curves and this demo's runs](convergence.png)",
         "",
         RECONSTRUCTION_CAPTION,
         "",

@@ -1,0 +1,63 @@
+"""The convergence curves' arithmetic on hand-written records: compute read off a curve in
+log-compute, the matched-compute comparison and the sentence the demo and README quote."""
+
+import math
+
+import pytest
+
+from drcl.evaluation.curves import at_compute, curve, load_measured, matched_compute, summary
+
+FT, PRE = 40e9, 25e12  # one fine-tuning step; one pre-training's counted FLOPs
+
+
+def rec(init, seed, length, ap, apr, pre=0.0):
+    return {"init": init, "label": {"random": "random init", "drcl_short": "2DRCL 300"}[init], "seed": seed,
+            "pretrain_iters": 300 if pre else 0, "finetune_iters": length, "pretrain_flops": pre,
+            "finetune_flops": length * FT, "detection": {"AP": ap / 100, "APr": apr / 100, "APc": 0.0, "APf": 0.0}}
+
+
+def test_at_compute_is_linear_in_log_compute_and_none_outside():
+    points = [{"x": 1e12, "mean": 10.0}, {"x": 4e12, "mean": 30.0}, {"x": 16e12, "mean": 40.0}]
+    assert at_compute(points, 2e12) == pytest.approx(20.0)  # halfway in log between 1 and 4
+    x = 8e12
+    assert at_compute(points, x) == pytest.approx(30 + 10 * math.log(x / 4e12) / math.log(4))
+    assert at_compute(points, 4e12) == pytest.approx(30.0)
+    assert at_compute(points, 0.5e12) is None and at_compute(points, 17e12) is None
+
+
+def test_matched_compute_reads_random_init_at_the_pre_trained_runs_total():
+    records = [rec("random", 0, n, ap, ap / 2) for n, ap in ((200, 10), (400, 20), (800, 40), (1600, 50))]
+    records += [rec("drcl_short", 0, n, ap, ap / 2, pre=PRE) for n, ap in ((200, 15), (400, 25), (1600, 52))]
+    rows = matched_compute(records, "drcl_short")
+    # 2DRCL at 200 iterations cost 25 + 8 = 33 TFLOP: between random init's 800 (32) and 1,600 (64)
+    assert [r["x"] for r in rows] == [PRE + 200 * FT, PRE + 400 * FT]  # 1,600 + pre-training is past 64
+    t = math.log(33 / 32) / math.log(2)
+    assert rows[0]["random"] == pytest.approx(40 + 10 * t) and rows[0]["drcl_short"] == 15
+
+
+def test_summary_states_the_lead_the_matched_compute_side_and_convergence():
+    records = [rec("random", s, n, ap + s, ap / 2) for s in (0, 1)
+               for n, ap in ((200, 10), (400, 20), (800, 40), (1600, 60))]
+    records += [rec("drcl_short", s, n, ap + s, ap / 2 + 3, pre=PRE) for s in (0, 1)
+                for n, ap in ((200, 15), (400, 24), (800, 41))]
+    text = summary(records)
+    assert text.startswith("On the same fine-tuning, 2DRCL 300's lead over random init goes from +5.0 AP, APr +5.5 "
+                           "at 200 iterations to +1.0 AP, APr +3.5 at 800 (2 seeds there);")
+    assert "random init is ahead at every point measured" in text
+    assert text.endswith("not converged: random init still gained 20.0 AP from 800 to 1600 iterations.")
+    records += [rec("random", s, 3200, 60.5 + s, 20) for s in (0, 1)]
+    assert "random init converged at 3200 iterations (under 1 AP gained)" in summary(records)
+    assert "no run of random init at its compute" in summary([r for r in records if r["finetune_iters"] <= 800])
+
+
+def test_summary_says_when_the_pre_trained_runs_are_ahead_at_matched_compute():
+    records = [rec("random", 0, n, ap, 1) for n, ap in ((200, 10), (400, 12), (800, 14), (1600, 60))]
+    records += [rec("drcl_short", 0, n, ap, 2, pre=PRE) for n, ap in ((200, 30), (400, 35))]
+    assert "2DRCL 300 is ahead at every point measured" in summary(records)
+
+
+def test_the_shipped_records_make_both_curves():
+    records = load_measured()
+    for init in ("random", "drcl_short"):
+        points = curve(records, init, "AP", "flops")
+        assert len(points) >= 2 and all(a["x"] < b["x"] for a, b in zip(points, points[1:]))
