@@ -5,7 +5,15 @@ import math
 
 import pytest
 
-from drcl.evaluation.curves import at_compute, curve, load_measured, matched_compute, summary
+from drcl.evaluation.curves import (
+    at_compute,
+    break_even_shares,
+    compute_for,
+    curve,
+    load_measured,
+    matched_compute,
+    summary,
+)
 
 FT, PRE = 40e9, 25e12  # one fine-tuning step; one pre-training's counted FLOPs
 
@@ -61,3 +69,14 @@ def test_the_shipped_records_make_both_curves():
     for init in ("random", "drcl_short"):
         points = curve(records, init, "AP", "flops")
         assert len(points) >= 2 and all(a["x"] < b["x"] for a, b in zip(points, points[1:]))
+
+
+def test_break_even_shares_is_the_pre_training_over_the_compute_random_init_needs_more():
+    records = [rec("random", 0, n, ap, ap / 2) for n, ap in ((200, 10), (400, 20), (800, 40))]
+    records += [rec("drcl_short", 0, n, ap, 1, pre=PRE) for n, ap in ((200, 15), (400, 20), (800, 45))]
+    rows = {r["length"]: r for r in break_even_shares(records, "drcl_short")}
+    # at 200 random init reaches 15 AP halfway (in log) from 8 to 16 TFLOP: 8 * sqrt(2)
+    assert compute_for(curve(records, "random", "AP", "flops"), 15) == pytest.approx(8e12 * 2 ** 0.5)
+    assert rows[200]["lead"] == pytest.approx(5) and rows[200]["shares"] == pytest.approx(PRE / (8e12 * (2 ** 0.5 - 1)))
+    assert rows[400]["shares"] == math.inf  # not ahead on the same schedule: no sharing pays
+    assert rows[800]["shares"] is None  # 45 AP is past every random-init run measured

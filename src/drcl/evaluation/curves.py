@@ -70,6 +70,42 @@ def at_compute(points: list[dict], x: float) -> float | None:
     return points[0]["mean"] if len(points) == 1 and points[0]["x"] == x else None
 
 
+def compute_for(points: list[dict], value: float) -> float | None:
+    """Where a curve first reaches ``value``: the inverse of :func:`at_compute` on its first
+    rising segment that spans it; None where no measured segment does."""
+    for a, b in zip(points, points[1:]):
+        if a["mean"] <= value <= b["mean"] and b["mean"] > a["mean"]:
+            t = (value - a["mean"]) / (b["mean"] - a["mean"])
+            return math.exp(math.log(a["x"]) + t * (math.log(b["x"]) - math.log(a["x"])))
+    return None
+
+
+def break_even_shares(records: list[dict], init: str, metric: str = "AP") -> list[dict]:
+    """How many fine-tunings must share one pre-training of ``init`` for it to pay, per
+    fine-tuning length L both ``init`` and random init have. ``init`` reaches its mean ``metric``
+    m(L) for a share P / k of its pre-training's compute P plus the fine-tuning's F(L); random
+    init needs x* to reach m(L) (:func:`compute_for` on its curve). It pays when P / k + F(L) <= x*::
+
+        k = P / (x* - F(L))
+
+    ``shares`` is inf when random init is not behind at L (no sharing makes it pay) and None
+    when m(L) is above every random-init run measured (unknown)."""
+    base = curve(records, "random", metric, "flops")
+    mine = curve(records, init, metric)
+    rows = []
+    for p in mine:
+        at = [r for r in records if r["init"] == init and r["finetune_iters"] == p["x"]]
+        pre = statistics.fmean(r["pretrain_flops"] for r in at)
+        ft = statistics.fmean(r["finetune_flops"] for r in at)
+        same = at_compute(base, ft)
+        if same is None:
+            continue
+        x = compute_for(base, p["mean"]) if p["mean"] > same else None
+        shares = math.inf if p["mean"] <= same else (pre / (x - ft) if x is not None else None)
+        rows.append({"length": p["x"], "lead": p["mean"] - same, "shares": shares})
+    return rows
+
+
 def matched_compute(records: list[dict], init: str, metric: str = "AP", baseline: str = "random") -> list[dict]:
     """At each of ``init``'s points on the compute axis: its mean ``metric`` and the baseline's
     at the same total compute (:func:`at_compute`); points beyond the baseline's range are left out."""
