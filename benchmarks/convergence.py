@@ -90,7 +90,14 @@ import torch
 from drcl.atomic import write_json
 from drcl.config import load_config
 from drcl.engine.checkpoint import load_checkpoint
-from drcl.evaluation.curves import break_even_shares, converged_length, curve, plot_curves, reduce, total_flops
+from drcl.evaluation.curves import (
+    break_even_shares,
+    converged_length,
+    curve,
+    plot_curves,
+    reduce,
+    total_flops,
+)
 from drcl.evaluation.lvis_eval import METRICS as BBOX_METRICS
 from drcl.finetune import finetune
 from drcl.pretrain import pretrain
@@ -268,10 +275,11 @@ def table(records: list[dict], min_gain: float = 1.0) -> str:
     for init in ("drcl_short", "drcl_long", "labels"):  # pre-trained from random init: random init is the baseline
         if any(r["init"] == init for r in records):
             rows = break_even_shares(records, init)
-            lines += ["", f"{label(init, records)}: one pre-training pays (AP) when shared by at least k fine-tunings of "
-                      "the same length: " + "; ".join(f"{r['length']}: " + (
-                          "never (not ahead)" if r["shares"] == math.inf else "unknown (above every random-init run)"
-                          if r["shares"] is None else f"k = {math.ceil(r['shares'])}") for r in rows) + "."]
+            said = [f"{r['length']}: " + ("never (not ahead)" if r["shares"] == math.inf else
+                                          "unknown (above every random-init run)" if r["shares"] is None else
+                                          f"k = {math.ceil(r['shares'])}") for r in rows]
+            lines += ["", f"{label(init, records)}: one pre-training pays (AP) when shared by at least k "
+                      "fine-tunings of the same length: " + "; ".join(said) + "."]
     ap = random_ap(records)
     if len(ap) > 1:
         lengths = sorted(ap)

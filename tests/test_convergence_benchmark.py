@@ -184,7 +184,8 @@ def test_an_interrupted_cell_goes_on_from_its_last_checkpoint_and_ends_as_an_uni
     a, b = (np.array([(d["image_id"], d["category_id"], d["score"], *d["bbox"]) for d in dets]) for dets in detections)
     assert len(a) > 0 and a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-    assert [r["iter"] for r in read(runs["cut"], "metrics.jsonl")] == [r["iter"] for r in read(runs["whole"], "metrics.jsonl")]
+    iters = {name: [r["iter"] for r in read(run, "metrics.jsonl")] for name, run in runs.items()}
+    assert iters["cut"] == iters["whole"]
     assert not (runs["cut"] / "L4" / "finetune" / "checkpoints").exists()  # ~100 MB a cell, deleted once scored
 
 

@@ -145,14 +145,14 @@ def test_convergence_figure_puts_the_demos_two_runs_at_their_own_compute_on_the_
         stars = {k: (v.get_xdata()[0], v.get_ydata()[0]) for k, v in lines.items() if v.get_marker() == "*"}
         want = {"this demo: random init": ((110 + 200) * 40e9 / 1e12, 100 * base[metric])}
         if metric == "AP":
-            want["this demo: 2DRCL"] = ((60 * 80e9 + 110 * 40e9) / 1e12, 5.0)
+            want["this demo: 2DRCL 60"] = ((60 * 80e9 + 110 * 40e9) / 1e12, 5.0)
         assert stars.keys() == want.keys()
         for k in want:
             assert stars[k] == pytest.approx(want[k])
         # each star has its curve's colour
         assert lines["this demo: random init"].get_color() == lines["random init"].get_color()
         assert lines["random init"].get_color() != lines["2DRCL 300"].get_color()
-    assert lines_of(fig.axes[0], "this demo: 2DRCL").get_color() == lines_of(fig.axes[0], "2DRCL 300").get_color()
+    assert lines_of(fig.axes[0], "this demo: 2DRCL 60").get_color() == lines_of(fig.axes[0], "2DRCL 300").get_color()
 
 
 def lines_of(ax, label):

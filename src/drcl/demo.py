@@ -200,7 +200,8 @@ def plot_convergence(drcl: dict, base: dict, pretrain_iters: int, info: dict, pa
                 **{m: 100 * result[m] if result[m] >= 0 else None for m in ("AP", "APr")}}
 
     marks = [mark("this demo: random init", "random", base, (ft + info["extra"]) * ff),
-             mark("this demo: 2DRCL", "drcl_short", drcl, pretrain_iters * info["pretrain_flops_per_iter"] + ft * ff)]
+             mark(f"this demo: 2DRCL {pretrain_iters}", "drcl_short", drcl,
+                  pretrain_iters * info["pretrain_flops_per_iter"] + ft * ff)]
     plot_curves(records, path, "flops", marks, title="Longer fine-tuning, measured (lines: mean over seeds, band "
                 "min-max; benchmarks/convergence.py) and this demo's two runs (stars)")
     return summary(records)
