@@ -223,12 +223,6 @@ def load_records(out: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- pure: stop rule, curves, table
 
 
-
-
-
-
-
-
 def random_ap(records: list[dict]) -> dict[int, float]:
     """Random init's mean AP (points) per fine-tuning length: what the stop rule reads."""
     return {p["x"]: p["mean"] for p in curve(records, "random", "AP")}
