@@ -94,6 +94,7 @@ from drcl.evaluation.curves import (
     break_even_shares,
     converged_length,
     curve,
+    paired_gain,
     plot_curves,
     reduce,
     total_flops,
@@ -277,9 +278,10 @@ def table(records: list[dict], min_gain: float = 1.0) -> str:
     ap = random_ap(records)
     if len(ap) > 1:
         lengths = sorted(ap)
-        gain = ap[lengths[-1]] - ap[lengths[-2]]
+        gain, seeds = paired_gain(records, "random", lengths[-2], lengths[-1])
         stop = converged_length(ap, min_gain)
-        lines += ["", f"Random init: {gain:+.1f} AP from {lengths[-2]} to {lengths[-1]} iterations; "
+        lines += ["", f"Random init: {gain:+.1f} AP from {lengths[-2]} to {lengths[-1]} iterations "
+                  f"({seeds} seed{'s' if seeds > 1 else ''} run at both); "
                   + (f"converged (under {min_gain:g} AP) at {stop}." if stop else "not converged yet.")]
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ from drcl.evaluation.curves import (
     curve,
     load_measured,
     matched_compute,
+    paired_gain,
     summary,
 )
 
@@ -56,6 +57,33 @@ def test_summary_states_the_lead_the_matched_compute_side_and_convergence():
     records += [rec("random", s, 3200, 60.5 + s, 20) for s in (0, 1)]
     assert "random init converged at 3200 iterations (under 1 AP gained)" in summary(records)
     assert "no run of random init at its compute" in summary([r for r in records if r["finetune_iters"] <= 800])
+
+
+def test_paired_gain_is_the_mean_of_each_seeds_own_difference():
+    # seed 1 only at 800: the means of the two lengths would read 41 - 15 = 26; seed 0 gained 20
+    records = [rec("random", 0, 400, 20, 0), rec("random", 1, 400, 10, 0), rec("random", 0, 800, 40, 0),
+               rec("random", 2, 800, 60, 0), rec("drcl_short", 0, 400, 99, 0, pre=PRE)]
+    assert paired_gain(records, "random", 400, 800) == (pytest.approx(20.0), 1)
+    records.append(rec("random", 1, 800, 16, 0))
+    assert paired_gain(records, "random", 400, 800) == (pytest.approx((20 + 6) / 2), 2)
+    assert paired_gain(records, "random", 400, 800, "APr") == (0.0, 2)
+    gain, seeds = paired_gain(records, "random", 200, 800)
+    assert seeds == 0 and math.isnan(gain)
+
+
+def test_summary_quotes_the_longest_length_every_seed_ran_and_the_longest_apart():
+    """As in the measured grid: two seeds to 1,600 iterations, one at 3,200. A lead that rounds
+    to nothing prints as +0.0, and random init's last gain is seed 0's alone (the means would
+    read 72 - 60.5 = 11.5)."""
+    records = [rec("random", s, n, ap + s, ap / 2) for s in (0, 1) for n, ap in ((200, 10), (1600, 60))]
+    records += [rec("drcl_short", s, n, ap + s, ap / 2 + 1, pre=PRE) for s in (0, 1)
+                for n, ap in ((200, 15), (1600, 59.96))]
+    records += [rec("random", 0, 3200, 72, 50), rec("drcl_short", 0, 3200, 73, 52, pre=PRE)]
+    text = summary(records)
+    assert text.startswith("On the same fine-tuning, 2DRCL 300's lead over random init goes from +5.0 AP, APr +3.5 "
+                           "at 200 iterations to +0.0 AP, APr +1.0 at 1600 (2 seeds there), and +1.0 AP, APr +2.0 "
+                           "at 3200 (1 seed there);"), text
+    assert text.endswith("random init still gained 12.0 AP from 1600 to 3200 iterations (1 seed run at both)."), text
 
 
 def test_summary_says_when_the_pre_trained_runs_are_ahead_at_matched_compute():

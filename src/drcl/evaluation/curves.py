@@ -60,6 +60,17 @@ def converged_length(curve_ap: dict[int, float], min_gain: float = 1.0) -> int |
     return None
 
 
+def paired_gain(records: list[dict], init: str, before: int, after: int, metric: str = "AP") -> tuple[float, int]:
+    """``init``'s gain in ``metric`` (points) from fine-tuning length ``before`` to ``after``:
+    the mean over the seeds run at both of each seed's own difference, and how many seeds that
+    is (0, gain nan, when none is). Means over different sets of seeds would add the seeds'
+    spread to the gain."""
+    at = {n: {r["seed"]: 100 * r["detection"][metric] for r in records
+              if r["init"] == init and r["finetune_iters"] == n} for n in (before, after)}
+    seeds = sorted(set(at[before]) & set(at[after]))
+    return (statistics.fmean(at[after][s] - at[before][s] for s in seeds) if seeds else math.nan), len(seeds)
+
+
 def at_compute(points: list[dict], x: float) -> float | None:
     """A curve's mean at total compute ``x``, linear in log-compute between its two points
     around ``x``; None outside the compute it was measured at."""
@@ -120,18 +131,25 @@ def matched_compute(records: list[dict], init: str, metric: str = "AP", baseline
 
 def summary(records: list[dict], init: str = "drcl_short", min_gain: float = 1.0) -> str:
     """One sentence on ``init`` against random init: its lead on the same fine-tuning at the
-    shortest and the longest length both have, where it stands at matched compute, and whether
-    random init has converged (gains under ``min_gain`` AP over its last doubling)."""
+    shortest length both have, at the longest that every seed has run (and at the longest, if
+    fewer seeds have), where it stands at matched compute, and whether random init has
+    converged (gains under ``min_gain`` AP over its last doubling, :func:`paired_gain`)."""
     name = next(r["label"] for r in records if r["init"] == init)
     same = {m: {p["x"]: p["mean"] for p in curve(records, init, m)} for m in ("AP", "APr")}
     rand = {m: {p["x"]: p["mean"] for p in curve(records, "random", m)} for m in ("AP", "APr")}
     lengths = sorted(set(same["AP"]) & set(rand["AP"]))
+    seeds = {n: len({r["seed"] for r in records if r["init"] in (init, "random") and r["finetune_iters"] == n})
+             for n in lengths}
     first, last = lengths[0], lengths[-1]
-    seeds = len({r["seed"] for r in records if r["init"] in (init, "random") and r["finetune_iters"] == last})
+    well = max(n for n in lengths if seeds[n] == max(seeds.values()))  # the longest with every seed
+
+    def signed(x):  # +0.0, not -0.0, for a lead that rounds to nothing
+        return f"{round(x, 1) + 0.0:+.1f}"
 
     def lead(n):
-        apr = (f", APr {same['APr'][n] - rand['APr'][n]:+.1f}" if n in same["APr"] and n in rand["APr"] else "")
-        return f"{same['AP'][n] - rand['AP'][n]:+.1f} AP{apr}"
+        apr = f", APr {signed(same['APr'][n] - rand['APr'][n])}" if n in same["APr"] and n in rand["APr"] else ""
+        return f"{signed(same['AP'][n] - rand['AP'][n])} AP{apr} at {n} " + (
+            "iterations" if n == first else f"({seeds[n]} seed{'s' if seeds[n] > 1 else ''} there)")
 
     matched = matched_compute(records, init)
     ahead = sum(row["random"] > row[init] for row in matched)
@@ -139,13 +157,16 @@ def summary(records: list[dict], init: str = "drcl_short", min_gain: float = 1.0
              "random init is ahead at every point measured" if ahead == len(matched) else
              f"{name} is ahead at every point measured" if ahead == 0 else
              f"random init is ahead at {ahead} of {len(matched)} points measured")
-    curve_ap, own = rand["AP"], sorted(rand["AP"])
-    done = converged_length(curve_ap, min_gain)
-    state = (f"random init converged at {done} iterations (under {min_gain:g} AP gained)" if done else
-             f"not converged: random init still gained {curve_ap[own[-1]] - curve_ap[own[-2]]:.1f} AP "
-             f"from {own[-2]} to {own[-1]} iterations" if len(own) > 1 else "one length only")
-    return (f"On the same fine-tuning, {name}'s lead over random init goes from {lead(first)} at {first} "
-            f"iterations to {lead(last)} at {last} ({seeds} seed{'s' if seeds > 1 else ''} there); "
+    own = sorted(rand["AP"])
+    done = converged_length(rand["AP"], min_gain)
+    if done or len(own) < 2:
+        state = f"random init converged at {done} iterations (under {min_gain:g} AP gained)" if done else "one length only"
+    else:
+        gain, both = paired_gain(records, "random", own[-2], own[-1])
+        state = (f"not converged: random init still gained {gain:.1f} AP from {own[-2]} to {own[-1]} iterations"
+                 + (f" ({both} seed{'s' if both > 1 else ''} run at both)" if both < max(seeds.values()) else ""))
+    ends = f"{lead(well)}" + (f", and {lead(last)}" if last != well else "")
+    return (f"On the same fine-tuning, {name}'s lead over random init goes from {lead(first)} to {ends}; "
             f"at matched total compute {where}; {state}.")
 
 
