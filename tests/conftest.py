@@ -15,6 +15,12 @@ torch.set_num_threads(2)
 FIXTURES = Path(__file__).parent / "data" / "fixtures"
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked slow first (stable otherwise). pytest-xdist hands each file to a worker in
+    collection order: a long file reached last keeps one core busy after the other has finished."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def lvis_dict():
     """The hand-written LVIS v1-style fixture as a fresh dict (tests may edit it)."""

@@ -87,6 +87,7 @@ def test_table_is_at_the_longest_length(tmp_path):
            "880: never (not ahead); 1760: never (not ahead)." in text
 
 
+@pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
     """Toy sizes, the inits whose starts differ in kind (the 2DRCL-from-upstream ones combine
     two of them): one run, its records, figures and table, its FLOPs, and a rerun that skips."""

@@ -77,6 +77,7 @@ def test_init_with_other_norm_is_refused(tmp_path, ft_args, monkeypatch, capsys)
     assert err.startswith("drcl finetune: error: ") and "bn.pt" in err and "normalisation mismatch" in err
 
 
+@pytest.mark.slow
 def test_mask_rcnn_finetune_scores_bbox_and_segm(tmp_path, ft_args, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "mask"

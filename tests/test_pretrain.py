@@ -26,6 +26,7 @@ def _weights(run):
     return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("photometric", ["loader", "device"])
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, tiny_args, photometric):
     # on the device path the workers draw each view's photometric parameters from the sample's seed
@@ -165,6 +166,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_stop_together_on_one_ranks_nan_and_torchrun_resumes_exactly(tmp_path, tiny_args):
     """Two CPU processes (gloo). A NaN on rank 1 alone stops both, promptly, with exit code 3
     (the processes are started by hand: torchrun's agent would kill the survivor and hide its

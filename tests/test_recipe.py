@@ -11,6 +11,8 @@ from drcl.data.synthetic import make_dataset
 from drcl.engine.health import COLLAPSE_RANK_FRACTION
 from drcl.pretrain import pretrain
 
+pytestmark = pytest.mark.slow  # the module fixture: one pre-training of 120 iterations
+
 ITERS = 120
 SIZE = 112  # views smaller than the config's 160 px, to keep the test near a minute on 2 cores
 

@@ -5,6 +5,7 @@ import json
 import os
 from collections import Counter
 
+import pytest
 import torch
 
 from drcl.cli import main
@@ -34,6 +35,7 @@ def test_box_crops_cut_each_box_out_of_the_pixels():
     assert torch.allclose(pixels[:, :, 0], torch.zeros(3, 20), atol=0.03)
 
 
+@pytest.mark.slow
 def test_shipped_upstream_recipe_learns_the_box_crops(tmp_path, monkeypatch):
     """tiny_upstream.yaml as shipped (lr 0.005, clip 20) on a small balanced set of 30 classes:
     100 iterations reach 68 % val top-1 (chance 3.3 %) with no step clipped; lr 0.05 with clip 5,
