@@ -80,7 +80,7 @@ def test_table_is_at_the_longest_length(tmp_path):
     assert "| 2DRCL 300 | 300 | 3 | 13.0 ± 3.6 |" in text
     assert "| paper's form 1000" in text and "| 1 | 20.0 ± 0.0 |" in text
     assert f"| {300 * STEP_2DRCL / 1e12:,.1f} | {(300 * STEP_2DRCL + 1760 * STEP_FT) / 1e12:,.1f} |" in text
-    assert "+1.5 AP from 880 to 1760 iterations; not converged yet." in text
+    assert "+1.5 AP from 880 to 1760 iterations (3 seeds run at both); not converged yet." in text
     assert "converged (under 2 AP) at 1760." in convergence.table(records, min_gain=2.0)
     # 2DRCL is behind on the same schedule at both lengths: sharing its pre-training never pays
     assert "2DRCL 300: one pre-training pays (AP) when shared by at least k fine-tunings of the same length: " \
