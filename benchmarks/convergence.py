@@ -46,12 +46,13 @@ Lengths: ``--lengths`` (default 220 440 880 1760 3520) run in order, every init 
 before the next. With ``--until-converged`` the series stops at the first length where random
 init gains under ``--min-gain`` (1) AP, mean over seeds, from the length before (the issue's
 definition of converged), and goes on doubling past the list up to ``--max-length`` while it
-has not. The paper init runs at the longest length run.
+has not. The paper init runs at the longest length of the call.
 
 Outputs, from every record in OUT (``--report-only`` remakes them without running anything):
 OUT/ap_vs_iters.png and OUT/ap_vs_flops.png (AP and APr against fine-tuning iterations and
 against total counted compute, one line per init: mean over seeds, min-max band),
-OUT/table.md (mean ± std over seeds at the longest length; also printed) and OUT/results.json.
+OUT/table.md (mean ± std over seeds at the longest length random init ran with every seed, and
+at the longest if fewer seeds ran there; also printed) and OUT/results.json.
 
     # the 2-core CPU VM: two single-thread processes
     python benchmarks/convergence.py --out runs/convergence --until-converged --threads 1 --jobs 2
@@ -93,11 +94,13 @@ from drcl.engine.checkpoint import load_checkpoint
 from drcl.evaluation.curves import (
     break_even_shares,
     converged_length,
-    curve,
+    n_seeds,
     paired_gain,
     plot_curves,
     reduce,
+    seeds_run,
     total_flops,
+    well_seeded,
 )
 from drcl.evaluation.lvis_eval import METRICS as BBOX_METRICS
 from drcl.finetune import finetune
@@ -224,17 +227,13 @@ def load_records(out: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- pure: stop rule, curves, table
 
 
-def random_ap(records: list[dict]) -> dict[int, float]:
-    """Random init's mean AP (points) per fine-tuning length: what the stop rule reads."""
-    return {p["x"]: p["mean"] for p in curve(records, "random", "AP")}
-
-
-def next_length(lengths: list[int], done: list[int], curve_ap: dict[int, float], until_converged: bool,
+def next_length(lengths: list[int], done: list[int], records: list[dict], until_converged: bool,
                 max_length: int, min_gain: float = 1.0) -> int | None:
-    """The fine-tuning length to run after ``done``: the next of ``lengths``; with
-    ``until_converged`` none once random init has converged (:func:`converged_length`), and
-    double the last one past the list (up to ``max_length``) while it has not."""
-    if until_converged and converged_length(curve_ap, min_gain) is not None:
+    """The fine-tuning length to run after ``done`` (``records``: the cells run at those): the
+    next of ``lengths``; with ``until_converged`` none once random init has converged
+    (:func:`converged_length`), and double the last one past the list (up to ``max_length``)
+    while it has not."""
+    if until_converged and converged_length(records, min_gain) is not None:
         return None
     rest = [n for n in lengths if n not in done]
     if rest:
@@ -250,23 +249,32 @@ def label(init: str, records: list[dict]) -> str:
 
 
 def table(records: list[dict], min_gain: float = 1.0) -> str:
-    """Mean ± std over seeds at the longest fine-tuning length, per init, and where random init
-    stands against the stop rule."""
+    """Mean ± std over seeds per init at the longest fine-tuning length random init ran with
+    every seed (:func:`well_seeded`), and again at the longest if fewer seeds ran there; then
+    what sharing each pre-training takes to pay, and where random init stands against the stop rule."""
     longest = max(r["finetune_iters"] for r in records)
-    lines = [f"At {longest} fine-tuning iterations; mean ± std over seeds, in percent; compute counted as the "
-             "trainer counts it (pre-training: everything the start cost).", "",
-             "| init | pre-training its | seeds | " + " | ".join(METRICS) + " | pre-training TFLOP | total TFLOP |",
-             "|---|---:|---:|" + "---|" * len(METRICS) + "---:|---:|"]
-    for init in INITS:
-        at = [r for r in records if r["init"] == init and r["finetune_iters"] == longest]
-        if not at:
-            continue
-        its = "/".join(str(n) for n in sorted({r["pretrain_iters"] for r in at}))
-        cells = [tg._cell([r["detection"].get(m) for r in at]) for m in METRICS]
-        pre = statistics.fmean(r["pretrain_flops"] for r in at) / 1e12
-        total = statistics.fmean(total_flops(r) for r in at) / 1e12
-        lines.append(f"| {label(init, records)} | {its} | {len(at)} | " + " | ".join(cells)
-                     + f" | {pre:,.1f} | {total:,.1f} |")
+    counts = seeds_run(records)
+    well = well_seeded(counts) if counts else longest
+    lines = []
+    for length in sorted({well, longest}):
+        lines += [f"At {length} fine-tuning iterations" + (f" ({n_seeds(counts[length])} of random init)"
+                                                           if length != well else "")
+                  + "; mean ± std over seeds, in percent; compute counted as the trainer counts it "
+                  "(pre-training: everything the start cost).", "",
+                  "| init | pre-training its | seeds | " + " | ".join(METRICS) + " | pre-training TFLOP | total TFLOP |",
+                  "|---|---:|---:|" + "---|" * len(METRICS) + "---:|---:|"]
+        for init in INITS:
+            at = [r for r in records if r["init"] == init and r["finetune_iters"] == length]
+            if not at:
+                continue
+            its = "/".join(str(n) for n in sorted({r["pretrain_iters"] for r in at}))
+            cells = [tg._cell([r["detection"].get(m) for r in at]) for m in METRICS]
+            pre = statistics.fmean(r["pretrain_flops"] for r in at) / 1e12
+            total = statistics.fmean(total_flops(r) for r in at) / 1e12
+            lines.append(f"| {label(init, records)} | {its} | {len(at)} | " + " | ".join(cells)
+                         + f" | {pre:,.1f} | {total:,.1f} |")
+        lines.append("")
+    lines.pop()
     for init in ("drcl_short", "drcl_long", "labels"):  # pre-trained from random init: random init is the baseline
         if any(r["init"] == init for r in records):
             rows = break_even_shares(records, init)
@@ -275,13 +283,12 @@ def table(records: list[dict], min_gain: float = 1.0) -> str:
                                           f"k = {math.ceil(r['shares'])}") for r in rows]
             lines += ["", f"{label(init, records)}: one pre-training pays (AP) when shared by at least k "
                       "fine-tunings of the same length: " + "; ".join(said) + "."]
-    ap = random_ap(records)
-    if len(ap) > 1:
-        lengths = sorted(ap)
+    if len(counts) > 1:
+        lengths = sorted(counts)
         gain, seeds = paired_gain(records, "random", lengths[-2], lengths[-1])
-        stop = converged_length(ap, min_gain)
+        stop = converged_length(records, min_gain)
         lines += ["", f"Random init: {gain:+.1f} AP from {lengths[-2]} to {lengths[-1]} iterations "
-                  f"({seeds} seed{'s' if seeds > 1 else ''} run at both); "
+                  f"({n_seeds(seeds)} run at both); "
                   + (f"converged (under {min_gain:g} AP) at {stop}." if stop else "not converged yet.")]
     return "\n".join(lines)
 
@@ -333,9 +340,8 @@ def run_grid(args, out: Path) -> None:
                               for m in METRICS), flush=True)
 
     done = []  # a rerun walks the lengths again (finished cells are skipped), so the rule reads these only
-    while (length := next_length(args.lengths, done, {n: ap for n, ap in random_ap(load_records(out)).items()
-                                                      if n in done}, args.until_converged, args.max_length,
-                                 args.min_gain)) is not None:
+    while (length := next_length(args.lengths, done, [r for r in load_records(out) if r["finetune_iters"] in done],
+                                 args.until_converged, args.max_length, args.min_gain)) is not None:
         print(f"== fine-tuning for {length} iterations", flush=True)
         cells([i for i in args.inits if i not in LONGEST_ONLY], length)
         done.append(length)

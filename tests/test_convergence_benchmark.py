@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import convergence  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+from drcl.evaluation.curves import curve  # noqa: E402
 
 LENGTHS = [220, 440, 880, 1760, 3520]
 STEP_2DRCL, STEP_FT = 86e9, 43e9  # counted FLOPs of one step, about the tiny preset's
@@ -25,57 +26,73 @@ def record(init, seed, length, ap, apr=None, pretrain_iters=0, pretrain_flops=0.
 
 
 def walk(curve_ap, lengths=LENGTHS, until_converged=True, max_length=14080):
-    """The lengths run_grid runs when random init's mean AP at each length is ``curve_ap``."""
+    """The lengths run_grid runs when random init's AP (points, one seed) at each length is ``curve_ap``."""
     done = []
-    while (n := convergence.next_length(lengths, done, {k: curve_ap[k] for k in done}, until_converged,
-                                        max_length)) is not None:
+    while (n := convergence.next_length(lengths, done, [record("random", 0, k, curve_ap[k] / 100) for k in done],
+                                        until_converged, max_length)) is not None:
         done.append(n)
     return done
+
+
+def converged(curve_ap, **kw):
+    return convergence.converged_length([record("random", 0, n, ap / 100) for n, ap in curve_ap.items()], **kw)
 
 
 def test_stop_rule_stops_at_the_first_length_gaining_under_one_ap():
     # random init gains 5, 3, then 0.5 AP: the 1,760 run is the converged one, 3,520 is not run
     curve_ap = {220: 10.0, 440: 15.0, 880: 18.0, 1760: 18.5, 3520: 18.7}
     assert walk(curve_ap) == [220, 440, 880, 1760]
-    assert convergence.converged_length({n: curve_ap[n] for n in (220, 440, 880, 1760)}) == 1760
-    assert convergence.converged_length({n: curve_ap[n] for n in (220, 440, 880)}) is None
+    assert converged({n: curve_ap[n] for n in (220, 440, 880, 1760)}) == 1760
+    assert converged({n: curve_ap[n] for n in (220, 440, 880)}) is None
     assert walk(curve_ap, until_converged=False) == LENGTHS  # the rule is off: every length
     # a gain of exactly 1 AP is not under 1: go on; the list runs out, so double, up to --max-length
     rising = {220 * 2 ** k: 10.0 + k for k in range(8)}
     assert walk(rising, lengths=[220, 440], max_length=3520) == [220, 440, 880, 1760, 3520]
-    assert convergence.converged_length({220: 10.0, 440: 10.99}) == 440
+    assert converged({220: 10.0, 440: 10.99}) == 440
+    assert converged({220: 10.0, 440: 10.5}, min_gain=0.4) is None
+
+
+def test_stop_rule_pairs_the_seeds():
+    # seeds 0 and 1 at 1,760, only seed 0 at 3,520: seed 0 gains 3 AP, so not converged, though
+    # the means over the seeds run at each length read 23.0 at both
+    records = [record("random", 0, 1760, 0.20), record("random", 1, 1760, 0.26), record("random", 0, 3520, 0.23)]
+    assert convergence.converged_length(records) is None
+    assert convergence.converged_length(records, min_gain=3.5) == 3520
+    # no seed run at both lengths: the gain is unknown, so not converged
+    assert convergence.converged_length([record("random", 0, 1760, 0.2), record("random", 1, 3520, 0.2)]) is None
+    assert convergence.converged_length([record("drcl_short", 0, n, 0.2) for n in (220, 440)]) is None
 
 
 def test_curve_is_the_seed_mean_with_its_min_max_band():
     records = [record("drcl_short", s, 220, ap, pretrain_iters=300, pretrain_flops=300 * STEP_2DRCL)
                for s, ap in enumerate((0.10, 0.12, 0.17))]
     records.append(record("drcl_short", 3, 220, 0.11, apr=-1.0, pretrain_iters=300, pretrain_flops=300 * STEP_2DRCL))
-    (p,) = convergence.curve(records[:3], "drcl_short", "AP")
+    (p,) = curve(records[:3], "drcl_short", "AP")
     assert (p["x"], p["seeds"]) == (220, 3)
     assert p["mean"] == pytest.approx(13.0) and (p["lo"], p["hi"]) == pytest.approx((10.0, 17.0))
     assert p["std"] == pytest.approx(3.6056, abs=1e-4)  # sample std over seeds, as the table's ±
-    (p,) = convergence.curve(records, "drcl_short", "APr")  # -1: the val set lacks the group
+    (p,) = curve(records, "drcl_short", "APr")  # -1: the val set lacks the group
     assert p["seeds"] == 3 and p["mean"] == pytest.approx(6.5)
-    assert convergence.curve(records, "random", "AP") == []
+    assert curve(records, "random", "AP") == []
 
 
 def test_flops_axis_adds_the_pre_training_to_the_fine_tuning():
     records = [record("random", s, n, 0.1) for s in (0, 1) for n in (220, 440)]
     records += [record("drcl_long", s, n, 0.1, pretrain_iters=1000, pretrain_flops=(1000 + s) * STEP_2DRCL)
                 for s in (0, 1) for n in (220, 440)]
-    assert [p["x"] for p in convergence.curve(records, "random", "AP", "flops")] == [220 * STEP_FT, 440 * STEP_FT]
-    drcl = convergence.curve(records, "drcl_long", "AP", "flops")
+    assert [p["x"] for p in curve(records, "random", "AP", "flops")] == [220 * STEP_FT, 440 * STEP_FT]
+    drcl = curve(records, "drcl_long", "AP", "flops")
     assert [p["x"] for p in drcl] == pytest.approx([1000.5 * STEP_2DRCL + n * STEP_FT for n in (220, 440)])
-    assert [p["x"] for p in convergence.curve(records, "drcl_long", "AP")] == [220, 440]
+    assert [p["x"] for p in curve(records, "drcl_long", "AP")] == [220, 440]
 
 
-def test_table_is_at_the_longest_length(tmp_path):
+def test_table_is_at_the_longest_length_every_seed_ran(tmp_path):
     records = [record("random", s, n, ap) for s in (0, 1, 2) for n, ap in ((880, 0.30), (1760, 0.305 + s / 100))]
     records += [record("drcl_short", s, n, ap, pretrain_iters=300, pretrain_flops=300 * STEP_2DRCL)
                 for s, ap in enumerate((0.10, 0.12, 0.17)) for n in (880, 1760)]
     records.append(record("paper", 0, 1760, 0.2, pretrain_iters=1000, pretrain_flops=1000 * STEP_2DRCL))
     text = convergence.table(records)
-    assert text.startswith("At 1760 fine-tuning iterations")
+    assert text.startswith("At 1760 fine-tuning iterations;")
     assert "| random init | 0 | 3 | 31.5 ± 1.0 |" in text
     assert "| 2DRCL 300 | 300 | 3 | 13.0 ± 3.6 |" in text
     assert "| paper's form 1000" in text and "| 1 | 20.0 ± 0.0 |" in text
@@ -85,6 +102,13 @@ def test_table_is_at_the_longest_length(tmp_path):
     # 2DRCL is behind on the same schedule at both lengths: sharing its pre-training never pays
     assert "2DRCL 300: one pre-training pays (AP) when shared by at least k fine-tunings of the same length: " \
            "880: never (not ahead); 1760: never (not ahead)." in text
+    # one seed run longer: the table stays at 1,760 and a second one follows at 3,520
+    longer = records + [record("random", 0, 3520, 0.40)]
+    text = convergence.table(longer)
+    first, second = text.split("\n\nAt 3520 fine-tuning iterations (1 seed of random init);")
+    assert first.startswith("At 1760 fine-tuning iterations;") and "| paper's form 1000" in first
+    assert "| random init | 0 | 1 | 40.0 ± 0.0 |" in second and "paper" not in second.split("\n\n")[0]
+    assert "+9.5 AP from 1760 to 3520 iterations (1 seed run at both); not converged yet." in text
 
 
 @pytest.mark.slow

@@ -50,12 +50,14 @@ def curve(records: list[dict], init: str, metric: str, axis: str = "iters") -> l
     return points
 
 
-def converged_length(curve_ap: dict[int, float], min_gain: float = 1.0) -> int | None:
-    """The first length at which ``curve_ap`` (length -> mean AP in points) gains under
-    ``min_gain`` over the length before it; None while every step gains more."""
-    lengths = sorted(curve_ap)
+def converged_length(records: list[dict], min_gain: float = 1.0, init: str = "random") -> int | None:
+    """The first fine-tuning length at which ``init`` gains under ``min_gain`` AP (points) over
+    the length before it, each gain paired over the seeds run at both (:func:`paired_gain`);
+    None while every step gains more, or none of its seeds ran at both lengths of a step."""
+    lengths = sorted({r["finetune_iters"] for r in records if r["init"] == init})
     for before, length in zip(lengths, lengths[1:]):
-        if curve_ap[length] - curve_ap[before] < min_gain:
+        gain, seeds = paired_gain(records, init, before, length)
+        if seeds and gain < min_gain:
             return length
     return None
 
@@ -69,6 +71,22 @@ def paired_gain(records: list[dict], init: str, before: int, after: int, metric:
               if r["init"] == init and r["finetune_iters"] == n} for n in (before, after)}
     seeds = sorted(set(at[before]) & set(at[after]))
     return (statistics.fmean(at[after][s] - at[before][s] for s in seeds) if seeds else math.nan), len(seeds)
+
+
+def seeds_run(records: list[dict], inits: tuple[str, ...] = ("random",)) -> dict[int, int]:
+    """How many seeds ``inits`` were fine-tuned with, per fine-tuning length."""
+    return {n: len({r["seed"] for r in records if r["init"] in inits and r["finetune_iters"] == n})
+            for n in sorted({r["finetune_iters"] for r in records if r["init"] in inits})}
+
+
+def well_seeded(counts: dict[int, int]) -> int:
+    """The longest length run with as many seeds as any (``counts``: :func:`seeds_run`): the
+    longest that a conclusion over every seed can rest on."""
+    return max(n for n, c in counts.items() if c == max(counts.values()))
+
+
+def n_seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
 
 
 def at_compute(points: list[dict], x: float) -> float | None:
@@ -138,10 +156,9 @@ def summary(records: list[dict], init: str = "drcl_short", min_gain: float = 1.0
     same = {m: {p["x"]: p["mean"] for p in curve(records, init, m)} for m in ("AP", "APr")}
     rand = {m: {p["x"]: p["mean"] for p in curve(records, "random", m)} for m in ("AP", "APr")}
     lengths = sorted(set(same["AP"]) & set(rand["AP"]))
-    seeds = {n: len({r["seed"] for r in records if r["init"] in (init, "random") and r["finetune_iters"] == n})
-             for n in lengths}
+    seeds = {n: c for n, c in seeds_run(records, (init, "random")).items() if n in lengths}
     first, last = lengths[0], lengths[-1]
-    well = max(n for n in lengths if seeds[n] == max(seeds.values()))  # the longest with every seed
+    well = well_seeded(seeds)
 
     def signed(x):  # +0.0, not -0.0, for a lead that rounds to nothing
         return f"{round(x, 1) + 0.0:+.1f}"
@@ -149,7 +166,7 @@ def summary(records: list[dict], init: str = "drcl_short", min_gain: float = 1.0
     def lead(n):
         apr = f", APr {signed(same['APr'][n] - rand['APr'][n])}" if n in same["APr"] and n in rand["APr"] else ""
         return f"{signed(same['AP'][n] - rand['AP'][n])} AP{apr} at {n} " + (
-            "iterations" if n == first else f"({seeds[n]} seed{'s' if seeds[n] > 1 else ''} there)")
+            "iterations" if n == first else f"({n_seeds(seeds[n])} there)")
 
     matched = matched_compute(records, init)
     ahead = sum(row["random"] > row[init] for row in matched)
@@ -158,13 +175,13 @@ def summary(records: list[dict], init: str = "drcl_short", min_gain: float = 1.0
              f"{name} is ahead at every point measured" if ahead == 0 else
              f"random init is ahead at {ahead} of {len(matched)} points measured")
     own = sorted(rand["AP"])
-    done = converged_length(rand["AP"], min_gain)
+    done = converged_length(records, min_gain)
     if done or len(own) < 2:
         state = f"random init converged at {done} iterations (under {min_gain:g} AP gained)" if done else "one length only"
     else:
         gain, both = paired_gain(records, "random", own[-2], own[-1])
         state = (f"not converged: random init still gained {gain:.1f} AP from {own[-2]} to {own[-1]} iterations"
-                 + (f" ({both} seed{'s' if both > 1 else ''} run at both)" if both < max(seeds.values()) else ""))
+                 + (f" ({n_seeds(both)} run at both)" if both < max(seeds.values()) else ""))
     ends = f"{lead(well)}" + (f", and {lead(last)}" if last != well else "")
     return (f"On the same fine-tuning, {name}'s lead over random init goes from {lead(first)} to {ends}; "
             f"at matched total compute {where}; {state}.")
