@@ -259,7 +259,7 @@ def table(records: list[dict], min_gain: float = 1.0) -> str:
     for length in sorted({well, longest}):
         lines += [f"At {length} fine-tuning iterations" + (f" ({n_seeds(counts[length])} of random init)"
                                                            if length != well else "")
-                  + "; mean ± std over seeds, in percent; compute counted as the trainer counts it "
+                  + "; mean ± std over seeds (one seed: its value), in percent; compute counted as the trainer counts it "
                   "(pre-training: everything the start cost).", "",
                   "| init | pre-training its | seeds | " + " | ".join(METRICS) + " | pre-training TFLOP | total TFLOP |",
                   "|---|---:|---:|" + "---|" * len(METRICS) + "---:|---:|"]

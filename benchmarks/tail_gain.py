@@ -317,12 +317,14 @@ def run_row(row: str, seed: int, data: Path, out: Path, args) -> dict:
 
 
 def _cell(values: list[float]) -> str:
+    """Mean ± sample std in percent; one value alone has no spread to show (not "± 0.0")."""
     values = [v for v in values if v is not None and v >= 0]
     if not values:
         return "n/a"
     mean = 100 * statistics.fmean(values)
-    spread = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {spread:.1f}"
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
 def table(records: list[dict]) -> str:
