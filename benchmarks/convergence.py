@@ -257,8 +257,9 @@ def table(records: list[dict], min_gain: float = 1.0) -> str:
     well = well_seeded(counts) if counts else longest
     lines = []
     for length in sorted({well, longest}):
-        lines += [f"At {length} fine-tuning iterations" + (f" ({n_seeds(counts[length])} of random init)"
-                                                           if length != well else "")
+        lines += [f"At {length} fine-tuning iterations" + ("" if length == well else
+                                                           f" ({n_seeds(counts[length])} of random init)"
+                                                           if length in counts else " (random init not run there)")
                   + "; mean ± std over seeds (one seed: its value), in percent; compute counted as the trainer counts it "
                   "(pre-training: everything the start cost).", "",
                   "| init | pre-training its | seeds | " + " | ".join(METRICS) + " | pre-training TFLOP | total TFLOP |",
@@ -278,6 +279,8 @@ def table(records: list[dict], min_gain: float = 1.0) -> str:
     for init in ("drcl_short", "drcl_long", "labels"):  # pre-trained from random init: random init is the baseline
         if any(r["init"] == init for r in records):
             rows = break_even_shares(records, init)
+            if not rows:  # no random-init run at its fine-tuning compute
+                continue
             said = [f"{r['length']}: " + ("never (not ahead)" if r["shares"] == math.inf else
                                           "unknown (above every random-init run)" if r["shares"] is None else
                                           f"k = {math.ceil(r['shares'])}") for r in rows]

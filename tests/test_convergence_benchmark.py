@@ -111,6 +111,46 @@ def test_table_is_at_the_longest_length_every_seed_ran(tmp_path):
     assert "+9.5 AP from 1760 to 3520 iterations (1 seed run at both); not converged yet." in text
 
 
+def test_table_when_random_init_ran_shorter_or_not_at_all():
+    # 2DRCL run one length past random init: a second table at that length, none of random init
+    records = [record("random", 0, 220, 0.10), record("random", 0, 440, 0.20)]
+    records += [record("drcl_short", 0, n, 0.3, pretrain_iters=300, pretrain_flops=1e12) for n in (440, 880)]
+    text = convergence.table(records)
+    assert "\n\nAt 880 fine-tuning iterations (random init not run there);" in text
+    # no random init: the table is at the longest length run, with no break-even line
+    alone = [r for r in records if r["init"] == "drcl_short"]
+    text = convergence.table(alone)
+    assert text.startswith("At 880 fine-tuning iterations;") and "one pre-training pays" not in text
+
+
+def _break_even_records(init="drcl_short", pretrain_iters=300, pretrain_flops=28.2e12):
+    # random init reaches 15 AP halfway (in log) from its 220 to its 440: at 9.46 * sqrt(2) TFLOP,
+    # 3.92 more than the 220 fine-tuning's 9.46; k = 28.2 / 3.92 = 7.2, so 8 fine-tunings
+    records = [record("random", 0, n, ap) for n, ap in ((220, 0.10), (440, 0.20), (880, 0.40))]
+    return records + [record(init, 0, 220, 0.15, pretrain_iters=pretrain_iters, pretrain_flops=pretrain_flops)]
+
+
+@pytest.mark.parametrize("init, name", [("drcl_short", "2DRCL 300"), ("drcl_long", "2DRCL 1000"),
+                                        ("labels", "labels only (supervised 1000)")])
+def test_table_has_a_break_even_line_per_pre_training_rounded_up(init, name):
+    text = convergence.table(_break_even_records(init, 300 if init == "drcl_short" else 1000))
+    assert f"{name}: one pre-training pays (AP) when shared by at least k fine-tunings of the same length: " \
+           "220: k = 8." in text  # 7.2 shares do not pay; 8 do
+
+
+def test_label_names_every_pre_training_length_of_the_init():
+    # labels-only matches 2DRCL's FLOPs per seed, so its iterations differ between seeds
+    records = [record("labels", s, 220, 0.1, pretrain_iters=it) for s, it in ((0, 3010), (1, 2990), (2, 3010))]
+    records.append(record("drcl_short", 0, 220, 0.1, pretrain_iters=300))
+    assert convergence.label("labels", records) == "labels only (supervised 2990/3010)"
+
+
+def test_next_length_passes_min_gain_to_the_stop_rule():
+    records = [record("random", 0, 220, 0.100), record("random", 0, 440, 0.115)]  # gains 1.5 AP
+    assert convergence.next_length([220, 440, 880], [220, 440], records, True, 14080, min_gain=2.0) is None
+    assert convergence.next_length([220, 440, 880], [220, 440], records, True, 14080) == 880
+
+
 @pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
     """Toy sizes, the inits whose starts differ in kind (the 2DRCL-from-upstream ones combine

@@ -9,10 +9,14 @@ from drcl.evaluation.curves import (
     at_compute,
     break_even_shares,
     compute_for,
+    converged_length,
     curve,
     load_measured,
     matched_compute,
+    n_seeds,
+    paired,
     paired_gain,
+    seeds_run,
     summary,
 )
 
@@ -108,3 +112,63 @@ def test_break_even_shares_is_the_pre_training_over_the_compute_random_init_need
     assert rows[200]["lead"] == pytest.approx(5) and rows[200]["shares"] == pytest.approx(PRE / (8e12 * (2 ** 0.5 - 1)))
     assert rows[400]["shares"] == math.inf  # not ahead on the same schedule: no sharing pays
     assert rows[800]["shares"] is None  # 45 AP is past every random-init run measured
+
+
+def test_converged_length_steps_over_random_inits_own_lengths_only():
+    # another init's 400 between random init's 200 and 800 must not split random's step in two
+    # steps that no seed ran at both ends of (it would never converge)
+    records = [rec("random", 0, 200, 10, 5), rec("random", 0, 800, 10.5, 5), rec("drcl_short", 0, 400, 30, 5, pre=PRE)]
+    assert converged_length(records) == 800
+
+
+def test_seeds_run_counts_the_given_inits_seeds_at_their_own_lengths():
+    records = [rec("random", 0, 200, 10, 5), rec("drcl_short", 0, 200, 10, 5, pre=PRE),
+               rec("drcl_short", 1, 200, 10, 5, pre=PRE), rec("drcl_short", 0, 400, 10, 5, pre=PRE)]
+    assert seeds_run(records) == {200: 1}
+    assert seeds_run(records, ("random", "drcl_short")) == {200: 2, 400: 1}
+    assert [n_seeds(n) for n in (0, 1, 2)] == ["0 seeds", "1 seed", "2 seeds"]
+
+
+def test_curve_keeps_a_metric_of_zero_and_drops_a_missing_group():
+    # APr is often exactly 0.0 at this scale: a measurement; -1 is a val set without the group
+    records = [rec("random", 0, 200, 0.0, -100), rec("random", 1, 200, 10, 0.0)]
+    (ap,) = curve(records, "random", "AP")
+    assert (ap["seeds"], ap["mean"], ap["lo"]) == (2, pytest.approx(5.0), 0.0)
+    (apr,) = curve(records, "random", "APr")
+    assert (apr["seeds"], apr["mean"]) == (1, 0.0)
+
+
+def test_paired_takes_each_seeds_own_difference_between_two_runs():
+    records = [rec("random", 0, 800, 40, 20), rec("random", 1, 800, 50, -100), rec("random", 2, 800, 60, 30),
+               rec("drcl_short", 0, 800, 45, 30, pre=PRE), rec("drcl_short", 1, 800, 51, 10, pre=PRE)]
+    # seed 2 ran random init only; seed 1's val set lacks rare classes (APr -1)
+    assert paired(records, ("drcl_short", 800), ("random", 800)) == (pytest.approx(3.0), 2)
+    assert paired(records, ("drcl_short", 800), ("random", 800), "APr") == (pytest.approx(10.0), 1)
+
+
+def test_summary_pairs_the_lead_over_the_seeds_both_inits_ran():
+    # three seeds of random init at 1,600, one of 2DRCL: the lead is seed 0's, not 2DRCL's
+    # seed 0 against random init's mean (which would read 61 - 62 = -1.0), and says 1 seed
+    records = [rec("random", s, n, ap + 2 * s, 5) for s in (0, 1, 2) for n, ap in ((200, 10), (1600, 60))]
+    records += [rec("drcl_short", s, 200, 15 + 2 * s, 6, pre=PRE) for s in (0, 1, 2)]
+    records.append(rec("drcl_short", 0, 1600, 61, 6, pre=PRE))
+    assert summary(records).startswith("On the same fine-tuning, 2DRCL 300's lead over random init goes from "
+                                       "+5.0 AP, APr +1.0 at 200 iterations to +1.0 AP, APr +1.0 at 1600 "
+                                       "(1 seed there);")
+    only = [r for r in records if r["finetune_iters"] == 200]
+    assert summary(only).startswith("On the same fine-tuning, 2DRCL 300's lead over random init is "
+                                    "+5.0 AP, APr +1.0 at 200 iterations;")
+
+
+def test_summary_does_not_count_a_tie_at_matched_compute_as_random_ahead():
+    pre = 8e12  # 2DRCL at 200 costs 16 TFLOP (random init's 400), at 600 32 TFLOP (its 800)
+    records = [rec("random", 0, n, ap, 1) for n, ap in ((200, 10), (400, 20), (800, 40))]
+    records += [rec("drcl_short", 0, n, ap, 1, pre=pre) for n, ap in ((200, 20), (600, 30))]
+    assert "random init is ahead at 1 of 2 points measured" in summary(records)
+
+
+def test_summary_passes_min_gain_to_the_stop_rule():
+    records = [rec("random", 0, n, ap, 1) for n, ap in ((200, 10), (400, 11.5))]
+    records += [rec("drcl_short", 0, n, ap, 1, pre=PRE) for n, ap in ((200, 12), (400, 13))]
+    assert "random init converged at 400 iterations (under 2 AP gained)" in summary(records, min_gain=2.0)
+    assert "not converged: random init still gained 1.5 AP from 200 to 400" in summary(records)

@@ -62,15 +62,20 @@ def converged_length(records: list[dict], min_gain: float = 1.0, init: str = "ra
     return None
 
 
+def paired(records: list[dict], a: tuple[str, int], b: tuple[str, int], metric: str = "AP") -> tuple[float, int]:
+    """Run ``a`` less run ``b`` in ``metric`` (points), each an (init, fine-tuning length): the
+    mean over the seeds both ran of each seed's own difference, and how many seeds that is (0,
+    difference nan, when none is). A seed whose val set lacks the metric's group (-1) is left
+    out. Means over different sets of seeds would add the seeds' spread to the difference."""
+    at = [{r["seed"]: 100 * r["detection"][metric] for r in records
+           if (r["init"], r["finetune_iters"]) == run and r["detection"].get(metric, -1) >= 0} for run in (a, b)]
+    seeds = sorted(set(at[0]) & set(at[1]))
+    return (statistics.fmean(at[0][s] - at[1][s] for s in seeds) if seeds else math.nan), len(seeds)
+
+
 def paired_gain(records: list[dict], init: str, before: int, after: int, metric: str = "AP") -> tuple[float, int]:
-    """``init``'s gain in ``metric`` (points) from fine-tuning length ``before`` to ``after``:
-    the mean over the seeds run at both of each seed's own difference, and how many seeds that
-    is (0, gain nan, when none is). Means over different sets of seeds would add the seeds'
-    spread to the gain."""
-    at = {n: {r["seed"]: 100 * r["detection"][metric] for r in records
-              if r["init"] == init and r["finetune_iters"] == n} for n in (before, after)}
-    seeds = sorted(set(at[before]) & set(at[after]))
-    return (statistics.fmean(at[after][s] - at[before][s] for s in seeds) if seeds else math.nan), len(seeds)
+    """``init``'s gain in ``metric`` from fine-tuning length ``before`` to ``after`` (:func:`paired`)."""
+    return paired(records, (init, after), (init, before), metric)
 
 
 def seeds_run(records: list[dict], inits: tuple[str, ...] = ("random",)) -> dict[int, int]:
@@ -148,15 +153,15 @@ def matched_compute(records: list[dict], init: str, metric: str = "AP", baseline
 
 
 def summary(records: list[dict], init: str = "drcl_short", min_gain: float = 1.0) -> str:
-    """One sentence on ``init`` against random init: its lead on the same fine-tuning at the
-    shortest length both have, at the longest that every seed has run (and at the longest, if
-    fewer seeds have), where it stands at matched compute, and whether random init has
+    """One sentence on ``init`` against random init: its lead on the same fine-tuning (paired
+    over the seeds both ran, :func:`paired`) at the shortest length both have, at the longest
+    that every seed has run (and at the longest, if fewer seeds have), where it stands at matched compute, and whether random init has
     converged (gains under ``min_gain`` AP over its last doubling, :func:`paired_gain`)."""
     name = next(r["label"] for r in records if r["init"] == init)
-    same = {m: {p["x"]: p["mean"] for p in curve(records, init, m)} for m in ("AP", "APr")}
-    rand = {m: {p["x"]: p["mean"] for p in curve(records, "random", m)} for m in ("AP", "APr")}
-    lengths = sorted(set(same["AP"]) & set(rand["AP"]))
-    seeds = {n: c for n, c in seeds_run(records, (init, "random")).items() if n in lengths}
+    leads = {n: {m: paired(records, (init, n), ("random", n), m) for m in ("AP", "APr")}
+             for n in sorted({r["finetune_iters"] for r in records if r["init"] == init})}
+    seeds = {n: lead["AP"][1] for n, lead in leads.items() if lead["AP"][1]}  # run by both, same seeds
+    lengths = sorted(seeds)
     first, last = lengths[0], lengths[-1]
     well = well_seeded(seeds)
 
@@ -164,8 +169,8 @@ def summary(records: list[dict], init: str = "drcl_short", min_gain: float = 1.0
         return f"{round(x, 1) + 0.0:+.1f}"
 
     def lead(n):
-        apr = f", APr {signed(same['APr'][n] - rand['APr'][n])}" if n in same["APr"] and n in rand["APr"] else ""
-        return f"{signed(same['AP'][n] - rand['AP'][n])} AP{apr} at {n} " + (
+        (ap, _), (apr, with_apr) = leads[n]["AP"], leads[n]["APr"]
+        return f"{signed(ap)} AP" + (f", APr {signed(apr)}" if with_apr else "") + f" at {n} " + (
             "iterations" if n == first else f"({n_seeds(seeds[n])} there)")
 
     matched = matched_compute(records, init)
@@ -174,7 +179,7 @@ def summary(records: list[dict], init: str = "drcl_short", min_gain: float = 1.0
              "random init is ahead at every point measured" if ahead == len(matched) else
              f"{name} is ahead at every point measured" if ahead == 0 else
              f"random init is ahead at {ahead} of {len(matched)} points measured")
-    own = sorted(rand["AP"])
+    own = sorted({r["finetune_iters"] for r in records if r["init"] == "random"})
     done = converged_length(records, min_gain)
     if done or len(own) < 2:
         state = f"random init converged at {done} iterations (under {min_gain:g} AP gained)" if done else "one length only"
@@ -182,9 +187,10 @@ def summary(records: list[dict], init: str = "drcl_short", min_gain: float = 1.0
         gain, both = paired_gain(records, "random", own[-2], own[-1])
         state = (f"not converged: random init still gained {gain:.1f} AP from {own[-2]} to {own[-1]} iterations"
                  + (f" ({n_seeds(both)} run at both)" if both < max(seeds.values()) else ""))
-    ends = f"{lead(well)}" + (f", and {lead(last)}" if last != well else "")
-    return (f"On the same fine-tuning, {name}'s lead over random init goes from {lead(first)} to {ends}; "
-            f"at matched total compute {where}; {state}.")
+    ends = [n for n in dict.fromkeys((well, last)) if n != first]
+    goes = (f"goes from {lead(first)} to " + ", and ".join(lead(n) for n in ends) if ends
+            else f"is {lead(first)}")
+    return f"On the same fine-tuning, {name}'s lead over random init {goes}; at matched total compute {where}; {state}."
 
 
 def reduce(records: list[dict]) -> list[dict]:
