@@ -155,9 +155,14 @@ def test_summary_pairs_the_lead_over_the_seeds_both_inits_ran():
     assert summary(records).startswith("On the same fine-tuning, 2DRCL 300's lead over random init goes from "
                                        "+5.0 AP, APr +1.0 at 200 iterations to +1.0 AP, APr +1.0 at 1600 "
                                        "(1 seed there);")
+    # a seed of 2DRCL's alone at a length random init never ran changes nothing
+    assert summary(records + [rec("drcl_short", 3, 3200, 70, 6, pre=PRE)]) == summary(records)
     only = [r for r in records if r["finetune_iters"] == 200]
     assert summary(only).startswith("On the same fine-tuning, 2DRCL 300's lead over random init is "
                                     "+5.0 AP, APr +1.0 at 200 iterations;")
+    no_rare = [{**r, "detection": {**r["detection"], "APr": -1.0}} for r in only]  # val set without rare classes
+    assert summary(no_rare).startswith("On the same fine-tuning, 2DRCL 300's lead over random init is "
+                                       "+5.0 AP at 200 iterations;")
 
 
 def test_summary_does_not_count_a_tie_at_matched_compute_as_random_ahead():
