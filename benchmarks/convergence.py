@@ -250,13 +250,14 @@ def label(init: str, records: list[dict]) -> str:
 
 def table(records: list[dict], min_gain: float = 1.0) -> str:
     """Mean ± std over seeds per init at the longest fine-tuning length random init ran with
-    every seed (:func:`well_seeded`), and again at the longest if fewer seeds ran there; then
-    what sharing each pre-training takes to pay, and where random init stands against the stop rule."""
-    longest = max(r["finetune_iters"] for r in records)
+    every seed (:func:`well_seeded`), and again at each init's own longest, where that differs
+    (every init's row at the longest length it ran); then what sharing each pre-training takes
+    to pay, and where random init stands against the stop rule."""
+    ends = {max(r["finetune_iters"] for r in records if r["init"] == init) for init in {r["init"] for r in records}}
     counts = seeds_run(records)
-    well = well_seeded(counts) if counts else longest
+    well = well_seeded(counts) if counts else max(ends)
     lines = []
-    for length in sorted({well, longest}):
+    for length in sorted(ends | {well}):
         lines += [f"At {length} fine-tuning iterations" + ("" if length == well else
                                                            f" ({n_seeds(counts[length])} of random init)"
                                                            if length in counts else " (random init not run there)")

@@ -109,6 +109,12 @@ def test_table_is_at_the_longest_length_every_seed_ran(tmp_path):
     assert first.startswith("At 1760 fine-tuning iterations;") and "| paper's form 1000" in first
     assert "| random init | 0 | 1 | 40.0 |" in second and "paper" not in second.split("\n\n")[0]
     assert "+9.5 AP from 1760 to 3520 iterations (1 seed run at both); not converged yet." in text
+    # every seed of random init at 3,520: one table there, and one at 1,760 for the paper row,
+    # run no longer
+    longest = longer + [record("random", s, 3520, 0.41) for s in (1, 2)]
+    first, second = convergence.table(longest).split("\n\nAt 3520 fine-tuning iterations;")
+    assert first.startswith("At 1760 fine-tuning iterations (3 seeds of random init);") and "| paper's form" in first
+    assert "| random init | 0 | 3 | 40.7 ± 0.6 |" in second and "paper" not in second.split("\n\n")[0]
 
 
 def test_table_when_random_init_ran_shorter_or_not_at_all():
