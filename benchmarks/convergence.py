@@ -258,9 +258,9 @@ def table(records: list[dict], min_gain: float = 1.0) -> str:
     well = well_seeded(counts) if counts else max(ends)
     lines = []
     for length in sorted(ends | {well}):
-        lines += [f"At {length} fine-tuning iterations" + ("" if length == well else
-                                                           f" ({n_seeds(counts[length])} of random init)"
-                                                           if length in counts else " (random init not run there)")
+        random_seeds = ("" if length == well else " (random init not run there)" if length not in counts
+                        else f" ({n_seeds(counts[length])} of random init)")
+        lines += [f"At {length} fine-tuning iterations{random_seeds}"
                   + "; mean ± std over seeds (one seed: its value), in percent; compute counted as the trainer counts it "
                   "(pre-training: everything the start cost).", "",
                   "| init | pre-training its | seeds | " + " | ".join(METRICS) + " | pre-training TFLOP | total TFLOP |",

@@ -155,8 +155,9 @@ def matched_compute(records: list[dict], init: str, metric: str = "AP", baseline
 def summary(records: list[dict], init: str = "drcl_short", min_gain: float = 1.0) -> str:
     """One sentence on ``init`` against random init: its lead on the same fine-tuning (paired
     over the seeds both ran, :func:`paired`) at the shortest length both have, at the longest
-    that every seed has run (and at the longest, if fewer seeds have), where it stands at matched compute, and whether random init has
-    converged (gains under ``min_gain`` AP over its last doubling, :func:`paired_gain`)."""
+    that every seed has run (and at the longest, if fewer seeds have), where it stands at
+    matched compute, and whether random init has converged (gains under ``min_gain`` AP over
+    its last doubling, :func:`paired_gain`)."""
     name = next(r["label"] for r in records if r["init"] == init)
     leads = {n: {m: paired(records, (init, n), ("random", n), m) for m in ("AP", "APr")}
              for n in sorted({r["finetune_iters"] for r in records if r["init"] == init})}
