@@ -282,9 +282,10 @@ def table(records: list[dict], min_gain: float = 1.0) -> str:
             rows = break_even_shares(records, init)
             if not rows:  # no random-init run at its fine-tuning compute
                 continue
+            # k rounded up; rounded to 6 places first, so that float noise (4.000000000000004) is not a 5th
             said = [f"{r['length']}: " + ("never (not ahead)" if r["shares"] == math.inf else
                                           "unknown (above every random-init run)" if r["shares"] is None else
-                                          f"k = {math.ceil(r['shares'])}") for r in rows]
+                                          f"k = {math.ceil(round(r['shares'], 6))}") for r in rows]
             lines += ["", f"{label(init, records)}: one pre-training pays (AP) when shared by at least k "
                       "fine-tunings of the same length: " + "; ".join(said) + "."]
     if len(counts) > 1:

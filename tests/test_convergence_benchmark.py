@@ -157,6 +157,75 @@ def test_next_length_passes_min_gain_to_the_stop_rule():
     assert convergence.next_length([220, 440, 880], [220, 440], records, True, 14080) == 880
 
 
+def test_table_rows_give_every_metric_and_the_seeds_mean_pre_training():
+    def metrics(ap, apr):
+        return {"AP": ap, "APr": apr, "APc": 0.3, "APf": 0.4}
+
+    records = [{**record("random", s, 220, 0), "detection": metrics(ap, apr)} for s, ap, apr in ((0, .10, .05), (1, .12, .06))]
+    records += [{**record("labels", s, 220, 0, pretrain_iters=1000, pretrain_flops=pre), "detection": metrics(.2, .1)}
+                for s, pre in ((0, 20e12), (1, 30e12))]
+    text = convergence.table(records)
+    ft = 220 * STEP_FT / 1e12  # 9.46 TFLOP
+    assert f"| random init | 0 | 2 | 11.0 ± 1.4 | 5.5 ± 0.7 | 30.0 ± 0.0 | 40.0 ± 0.0 | 0.0 | {ft:.1f} |" in text
+    assert f"| labels only (supervised 1000) | 1000 | 2 | 20.0 ± 0.0 | 10.0 ± 0.0 | 30.0 ± 0.0 | 40.0 ± 0.0 " \
+           f"| 25.0 | {25 + ft:.1f} |" in text
+
+
+def test_table_without_random_init_marks_the_length_it_is_not_at():
+    records = [record(init, 0, n, 0.2, pretrain_iters=300, pretrain_flops=1e12)
+               for init, lengths in (("drcl_short", (220, 440)), ("drcl_long", (220,))) for n in lengths]
+    first, second = convergence.table(records).split("\n\n", 1)
+    assert first.startswith("At 220 fine-tuning iterations (random init not run there);")
+    assert "At 440 fine-tuning iterations;" in second
+
+
+def test_table_reports_the_first_length_random_init_converged_at():
+    # seeds' mean gains: 5, 0.5, then 2: converged at 880, though the last step gained 2 AP
+    records = [record("random", s, n, (ap + s) / 100) for s in (0, 1)
+               for n, ap in ((220, 10), (440, 15), (880, 15.5), (1760, 17.5))]
+    assert convergence.table(records).endswith(
+        "Random init: +2.0 AP from 880 to 1760 iterations (2 seeds run at both); converged (under 1 AP) at 880.")
+
+
+def test_break_even_k_of_exactly_four_is_four():
+    # random init: 10 AP at 220 iterations, 20 at 440; 2DRCL reads 20 at 220 after a pre-training
+    # worth 4 x (440 - 220) fine-tuning iterations: shared 4 ways it costs what random init needs
+    records = [record("random", 0, 220, 0.10), record("random", 0, 440, 0.20)]
+    records.append(record("drcl_short", 0, 220, 0.20, pretrain_iters=300, pretrain_flops=4 * 220 * STEP_FT))
+    assert "fine-tunings of the same length: 220: k = 4." in convergence.table(records)
+
+
+def test_a_rerun_with_a_new_seed_reads_the_stop_rule_from_the_lengths_it_walked(tmp_path, monkeypatch):
+    """Seed 0 has converged at 440 from an earlier run; seed 1 is new: it must get its 220 and
+    440 cells before the rule (over both seeds) stops the walk."""
+    out = tmp_path / "out"
+    for seed in (0, 1):
+        (out / f"random-seed{seed}").mkdir(parents=True)
+        (out / f"random-seed{seed}" / "pretrain.json").write_text("{}")
+
+    def write(init, seed, length, ap):
+        cell = out / f"{init}-seed{seed}" / f"L{length}"
+        cell.mkdir(parents=True, exist_ok=True)
+        (cell / "record.json").write_text(json.dumps(record(init, seed, length, ap)))
+
+    write("random", 0, 220, 0.100)
+    write("random", 0, 440, 0.105)
+    ran = []
+
+    def cell(init, seed, length, data, run, args):
+        ran.append((init, seed, length))
+        write(init, seed, length, 0.1)
+        return record(init, seed, length, 0.1)
+
+    monkeypatch.setattr(convergence.tg, "make_data", lambda *a: None)
+    monkeypatch.setattr(convergence, "in_processes", lambda fn, calls, jobs, logs: (fn(*c) for c in calls))
+    monkeypatch.setattr(convergence, "finetune_cell", cell)
+    args = convergence.parse_args(["--out", str(out), "--inits", "random", "--seeds", "0", "1",
+                                   "--lengths", "220", "440", "880", "--until-converged"])
+    convergence.run_grid(args, out)
+    assert ran == [("random", 1, 220), ("random", 1, 440)]
+
+
 @pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
     """Toy sizes, the inits whose starts differ in kind (the 2DRCL-from-upstream ones combine

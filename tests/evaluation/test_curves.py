@@ -177,3 +177,48 @@ def test_summary_passes_min_gain_to_the_stop_rule():
     records += [rec("drcl_short", 0, n, ap, 1, pre=PRE) for n, ap in ((200, 12), (400, 13))]
     assert "random init converged at 400 iterations (under 2 AP gained)" in summary(records, min_gain=2.0)
     assert "not converged: random init still gained 1.5 AP from 200 to 400" in summary(records)
+
+
+def test_converged_length_is_the_first_step_under_min_gain_and_a_drop_is_one():
+    # 200 -> 400 gains 0.5, 400 -> 800 0.2: converged at 400, the first small step, not the last
+    assert converged_length([rec("random", 0, n, ap, 1) for n, ap in ((200, 10), (400, 10.5), (800, 10.7))]) == 400
+    # a drop of 2 AP is a gain under 1: the curve has stopped rising
+    assert converged_length([rec("random", 0, n, ap, 1) for n, ap in ((200, 10), (400, 20), (800, 18))]) == 800
+
+
+def test_one_random_init_run_is_read_only_at_its_own_compute():
+    records = [rec("random", 0, 200, 10, 5), rec("drcl_short", 0, 200, 8, 4, pre=PRE)]
+    # the same fine-tuning compute (8 TFLOP) as random init's one run: 2DRCL is 2 AP behind, no sharing pays
+    assert break_even_shares(records, "drcl_short") == [{"length": 200, "lead": -2.0, "shares": math.inf}]
+    # at 2DRCL's total (33 and 41 TFLOP) there is no random-init run to read
+    records.append(rec("drcl_short", 0, 400, 12, 6, pre=PRE))
+    assert matched_compute(records, "drcl_short") == []
+    assert "at matched total compute there is no run of random init at its compute" in summary(records)
+
+
+def test_compute_for_reads_the_first_rising_segment_that_reaches_the_value():
+    # the curve passes 17 AP twice: rising from 10 to 20 (1 -> 4 TFLOP) and again from 15 to 25
+    points = [{"x": x * 1e12, "mean": m} for x, m in ((1, 10.0), (4, 20.0), (16, 15.0), (64, 25.0))]
+    assert compute_for(points, 17) == pytest.approx(1e12 * 4 ** 0.7)  # 70 % of the way, in log
+    assert compute_for(points, 10) == pytest.approx(1e12) and compute_for(points, 26) is None
+
+
+def test_break_even_shares_uses_the_seeds_mean_pre_training_and_fine_tuning():
+    # labels-only matches FLOPs per seed, so seeds' pre-trainings differ; so may the fine-tunings
+    records = [rec("random", 0, n, ap, 1) for n, ap in ((200, 10), (400, 20), (800, 40))]
+    records += [rec("drcl_short", s, 200, 15, 1, pre=pre) for s, pre in ((0, 20e12), (1, 30e12))]
+    records[-1]["finetune_flops"] *= 1.1  # mean F: 8.4 TFLOP
+    (row,) = break_even_shares(records, "drcl_short")
+    # random init: 10 AP at 8 TFLOP, 20 at 16, so it reaches 15 at 8 * sqrt(2) and reads
+    # 10 + 10 log2(8.4 / 8) at F
+    assert row["lead"] == pytest.approx(5 - 10 * math.log2(8.4 / 8))
+    assert row["shares"] == pytest.approx(25e12 / (8e12 * 2 ** 0.5 - 8.4e12))
+
+
+def test_summary_starts_at_the_shortest_length_both_inits_ran():
+    # 2DRCL also ran 100 iterations, random init did not: the lead starts at 200
+    records = [rec("random", 0, n, ap, ap / 2) for n, ap in ((200, 10), (400, 20))]
+    records += [rec("drcl_short", 0, n, ap, ap / 2, pre=PRE) for n, ap in ((100, 12), (200, 15), (400, 22))]
+    assert summary(records).startswith("On the same fine-tuning, 2DRCL 300's lead over random init goes from "
+                                       "+5.0 AP, APr +2.5 at 200 iterations to +2.0 AP, APr +1.0 at 400 "
+                                       "(1 seed there);")
