@@ -200,13 +200,10 @@ def test_a_rerun_with_a_new_seed_reads_the_stop_rule_from_the_lengths_it_walked(
     440 cells before the rule (over both seeds) stops the walk."""
     out = tmp_path / "out"
     for seed in (0, 1):
-        (out / f"random-seed{seed}").mkdir(parents=True)
-        (out / f"random-seed{seed}" / "pretrain.json").write_text("{}")
+        convergence.write_json(out / f"random-seed{seed}" / "pretrain.json", {})
 
     def write(init, seed, length, ap):
-        cell = out / f"{init}-seed{seed}" / f"L{length}"
-        cell.mkdir(parents=True, exist_ok=True)
-        (cell / "record.json").write_text(json.dumps(record(init, seed, length, ap)))
+        convergence.write_json(out / f"{init}-seed{seed}" / f"L{length}" / "record.json", record(init, seed, length, ap))
 
     write("random", 0, 220, 0.100)
     write("random", 0, 440, 0.105)
