@@ -20,6 +20,8 @@ from drcl.sampling import (
     choose_boxes,
     expected_sampling_share,
     image_repeat_factors,
+    repeat_factors_for,
+    sampling_shares,
 )
 
 ALPHAS = [0.0, 0.1, 0.25, 0.5, 0.9, 1.0]
@@ -319,3 +321,41 @@ def test_choose_boxes_validation():
         choose_boxes([1.0, float("nan")], 1)
     with pytest.raises(ValueError):
         choose_boxes([1.0], -1)
+
+
+# ----------------------------------------------------------------------------- one-call helpers
+@pytest.mark.parametrize("sqrt", [True, False])
+@pytest.mark.parametrize("mode, alpha", [("rfs", 1.0), ("irfs", 1.0), ("dynamic", 0.25)])
+def test_repeat_factors_for_matches_reference(mode, alpha, sqrt):
+    image_index, category_index, n, c = random_dataset(1)
+    category, image = repeat_factors_for(image_index, category_index, n, c, mode, 0.3, alpha, sqrt)
+    ref_category, ref_image = reference_factors(
+        image_index.tolist(), category_index.tolist(), n, c, mode, 0.3, alpha, sqrt
+    )
+    np.testing.assert_allclose(category, ref_category, rtol=1e-12)
+    np.testing.assert_allclose(image, ref_image, rtol=1e-12)
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.3])
+def test_sampling_shares_match_reference(threshold):
+    """The per-sampler shares ``drcl stats --plot`` draws: each label at its own mode / alpha
+    and at the caller's threshold, from the per-image reference loop."""
+    image_index, category_index, n, c = random_dataset(2)
+    shares = sampling_shares(image_index, category_index, n, c, threshold=threshold)
+    settings_ = {
+        "random": ("random", 1.0), "rfs": ("rfs", 1.0), "irfs": ("irfs", 1.0),
+        "dynamic a=1": ("dynamic", 1.0), "dynamic a=0.5": ("dynamic", 0.5),
+        "dynamic a=0": ("dynamic", 0.0),
+    }
+    assert set(shares) == set(settings_)
+    for label, (mode, alpha) in settings_.items():
+        _, image = reference_factors(
+            image_index.tolist(), category_index.tolist(), n, c, mode, threshold, alpha, True
+        )
+        expected = np.zeros(c)
+        for i, k in zip(image_index, category_index):
+            expected[k] += image[i]
+        np.testing.assert_allclose(shares[label], expected / expected.sum(), rtol=1e-12, err_msg=label)
+    np.testing.assert_allclose(shares["random"], np.bincount(category_index, minlength=c) / len(category_index))
+    # instance-level rebalancing (a = 0) differs from image-level (a = 1) on these data
+    assert not np.allclose(shares["dynamic a=0"], shares["dynamic a=1"])

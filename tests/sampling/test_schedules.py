@@ -40,6 +40,14 @@ def test_monotone_non_increasing(kind, p, q, ends, steps):
     assert earlier >= alpha_schedule(hi, kind, start, end, steps)
 
 
+def test_stays_between_start_and_end_despite_rounding():
+    # end + (start - end) * (1 + cos(pi * p)) / 2 rounds to 0.09999999999999998 < start here;
+    # the schedule must still never leave [start, end] (it feeds the alpha validation).
+    p = 2.0**-28
+    assert 0.1 <= alpha_schedule(p, "cosine", 0.1, 0.7) <= 0.7
+    assert alpha_schedule(p, "cosine", 0.1, 0.7) == 0.1
+
+
 def test_linear_values():
     assert alpha_schedule(0.25) == 0.75
     assert alpha_schedule(0.5, "linear", 0.8, 0.2) == pytest.approx(0.5)
