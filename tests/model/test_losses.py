@@ -240,3 +240,56 @@ def test_sr_loss_is_cosine_distance_to_standardised_targets_with_stop_gradient()
     assert sr_loss(tg, tg, r_tg, r_tg).item() > 0.0
     standard = {k: torch.tensor(np_standardize(v.detach().numpy(), (2, 3))) for k, v in tg.items()}
     assert sr_loss(standard, tg).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_select_boxes_keeps_boxes_labels_and_object_ids_together():
+    """Each chosen box comes with the same box of the other view, its own label and the object
+    id image_id * 2**31 + annotation id (so equal annotation ids of two images differ)."""
+    from drcl.model.lcl import OBJECT_STRIDE, select_boxes
+
+    def target(n, first, labels, ann_ids, image_id=None):
+        boxes = torch.tensor([[float(first + i), 0.0, first + i + 5.0, 5.0] for i in range(n)])
+        t = {"boxes": boxes, "labels": torch.tensor(labels), "ann_ids": torch.tensor(ann_ids)}
+        if image_id is not None:
+            t["image_id"] = torch.tensor(image_id)
+        return t
+
+    t1 = [target(5, 0, [1, 2, 3, 0, 2], [5, 6, 7, 8, 9], 3), target(4, 10, [2, 2, 1, 3], [5, 11, 12, 13], 4),
+          target(3, 20, [1, 1, 2], [1, 2, 3])]  # the third image has no id
+    t2 = [{**t, "boxes": t["boxes"] + 100} for t in t1]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        b1, b2, labels, ids = select_boxes(t1, t2, 3, torch.tensor([1.0, 2.0, 4.0]), g)
+        assert [len(b) for b in b1] == [3, 3, 3] and len(labels) == len(ids) == 9
+        boxes = torch.cat(b1)
+        torch.testing.assert_close(torch.cat(b2), boxes + 100)
+        pos = boxes[:, 0].long()  # first + index of the box within its image
+        for j, (p, lab, obj) in enumerate(zip(pos.tolist(), labels.tolist(), ids.tolist())):
+            image, i = divmod(p, 10)
+            assert lab == int(t1[image]["labels"][i])
+            if image < 2:
+                assert obj == [3, 4][image] * OBJECT_STRIDE + int(t1[image]["ann_ids"][i])
+            else:
+                assert obj == -1
+        assert len(set(ids[:6].tolist())) == 6
+
+
+def test_patch_mask_rounds_the_number_of_hidden_patches():
+    """round(ratio * #patches): 0.75 of a 3 x 3 grid is 6.75 -> 7 patches, not 6."""
+    m = patch_mask(2, 48, 48, patch=16, ratio=0.75, generator=torch.Generator().manual_seed(1))
+    assert (m[:, 0, ::16, ::16].sum(dim=(1, 2)) == 7).all()
+
+
+def test_sr_box_term_counts_from_two_boxes():
+    """With 2 boxes the box term is there (each dimension standardised over the 2 boxes is
+    +-1); with 1 box it is left out."""
+    rng = np.random.default_rng(8)
+    on = {"0": torch.tensor(rng.normal(size=(1, 4, 2, 2)))}
+    tg = {"0": torch.tensor(rng.normal(size=(1, 4, 2, 2)))}
+    r_on, r_tg = rng.normal(size=(2, 3)), rng.normal(size=(2, 3))
+    fpn = sr_loss(on, tg).item()
+    signs = np.where(r_tg >= r_tg.mean(0), 1.0, -1.0)  # (x - mean) / std over 2 boxes
+    roi = np.mean(1 - (r_on * signs).sum(1) / (np.linalg.norm(r_on, axis=1) * np.sqrt(3)))
+    got = sr_loss(on, tg, torch.tensor(r_on), torch.tensor(r_tg)).item()
+    assert got == pytest.approx(fpn + roi, rel=1e-4)
+    assert sr_loss(on, tg, torch.tensor(r_on[:1]), torch.tensor(r_tg[:1])).item() == pytest.approx(fpn, rel=1e-12)

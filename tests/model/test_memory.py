@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from drcl.model.memory import KeyQueue, momentum_at
+from drcl.model.memory import KeyQueue, momentum_at, staleness
 
 
 def test_queue_fills_then_wraps_in_fifo_order():
@@ -24,6 +24,10 @@ def test_queue_batch_larger_than_queue_keeps_the_newest():
     q = KeyQueue(size=3, dim=1)
     q.enqueue(torch.arange(7.0).view(7, 1))
     assert sorted(q.valid()[0].view(-1).tolist()) == [4, 5, 6]
+    q.enqueue(torch.arange(7.0).view(7, 1), torch.arange(7), torch.arange(7) + 100)
+    keys, labels, ids = q.valid()
+    assert labels.tolist() == keys.view(-1).long().tolist()  # labels and ids stay with their keys
+    assert ids.tolist() == (keys.view(-1).long() + 100).tolist() and sorted(labels.tolist()) == [4, 5, 6]
 
 
 def test_queue_is_saved_with_the_model():
@@ -32,6 +36,24 @@ def test_queue_is_saved_with_the_model():
     r = KeyQueue(size=4, dim=2)
     r.load_state_dict(q.state_dict())
     assert int(r.filled) == 3 and int(r.ptr) == 3 and torch.equal(r.keys, q.keys) and torch.equal(r.ids, q.ids)
+
+
+def test_loaded_queue_uses_and_continues_the_saved_keys():
+    """Resuming: a queue loaded into a fresh (or already used) module holds the saved keys
+    and writes the next ones after the newest saved key, not over the oldest slots."""
+    q = KeyQueue(size=4, dim=1)
+    q.enqueue(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([1, 2, 3]), torch.tensor([10, 20, 30]))
+    r = KeyQueue(size=4, dim=1)
+    r.load_state_dict(q.state_dict())
+    assert r.fill == 3
+    keys, labels, ids = r.valid()
+    assert keys.view(-1).tolist() == [1, 2, 3] and labels.tolist() == [1, 2, 3] and ids.tolist() == [10, 20, 30]
+    r.enqueue(torch.tensor([[4.0], [5.0]]))
+    assert r.valid()[0].view(-1).tolist() == [5, 2, 3, 4] and r.fill == 4 and int(r.ptr) == 1
+    used = KeyQueue(size=4, dim=1)
+    used.enqueue(torch.tensor([[9.0]]))  # host counters (1, 1) before loading
+    used.load_state_dict(q.state_dict())
+    assert used.fill == 3 and used.valid()[0].view(-1).tolist() == [1, 2, 3]
 
 
 def test_momentum_update_of_drcl_is_the_ema_of_each_online_parameter_by_name():
@@ -58,3 +80,12 @@ def test_momentum_schedule_is_cosine_from_base_to_one():
     assert momentum_at(1.0) == pytest.approx(1.0)
     assert momentum_at(0.5) == pytest.approx(1 - 0.01 * (math.cos(math.pi * 0.5) + 1) / 2)
     assert momentum_at(2.0) == pytest.approx(1.0)
+
+
+def test_staleness_is_queue_age_against_momentum_horizon():
+    # the docstring's MoCo v2 numbers: 65,536 keys at 256 a step are 256 steps old; m = 0.999
+    # averages over 1,000 steps
+    age, horizon = staleness(65536, 256, 0.999)
+    assert age == pytest.approx(256) and horizon == pytest.approx(1000)
+    assert staleness(4096, 64, 0.99) == (pytest.approx(64), pytest.approx(100))
+    assert staleness(10, 5, 1.0)[1] == math.inf
