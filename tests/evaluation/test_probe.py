@@ -241,3 +241,93 @@ def test_probe_command(tmp_path, capsys):
     assert 0.0 <= result["acc"] <= 1.0 and result["weights"] is None
     assert main(args + ["--checkpoint", str(tmp_path / "none.pt")] + sum((["--set", s] for s in sets), [])) == 2
     assert "none.pt" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- against the documented formulas
+
+
+def _np_objective_and_grad(x, y, num_classes, weight, bias, weight_decay, balanced):
+    """Mean (optionally class-weighted) cross-entropy of standardised features (population
+    std) + weight_decay / 2 * ||W||^2, and its gradient, written from fit_linear's docstring."""
+    z = (x - x.mean(0)) / x.std(0)
+    logits = z @ weight.T + bias
+    logits = logits - logits.max(1, keepdims=True)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    n = len(y)
+    w = np.ones(n)
+    if balanced:
+        counts = np.bincount(y, minlength=num_classes)
+        w = n / (num_classes * counts[y])  # sklearn's "balanced"
+    ce = -(w * np.log(p[np.arange(n), y])).sum() / n
+    onehot = np.eye(num_classes)[y]
+    d = (p - onehot) * w[:, None] / n
+    return ce + 0.5 * weight_decay * (weight**2).sum(), d.T @ z + weight_decay * weight, d.sum(0), z
+
+
+@pytest.mark.parametrize("balanced, num_classes", [(False, 3), (True, 3), (True, 4)])
+def test_fit_linear_reaches_the_minimum_of_the_documented_objective(balanced, num_classes):
+    """At the fitted weights the gradient of mean CE + wd/2 ||W||^2 (bias not decayed) is 0;
+    with 4 classes the last has no boxes (balanced: the weighted sum is still divided by N)."""
+    g = np.random.default_rng(5)
+    y = np.array([0] * 150 + [1] * 40 + [2] * 10)
+    x = g.normal(size=(200, 3)) + np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]])[y] * 1.5
+    x = x * [1.0, 3.0, 0.2] + [5.0, -2.0, 1.0]  # scales and offsets the standardisation removes
+    wd = 0.1
+    probe = fit_linear(x, y, num_classes, epochs=200, weight_decay=wd, balanced=balanced)
+    weight, bias = probe.weight.numpy(), probe.bias.numpy()
+    value, grad_w, grad_b, z = _np_objective_and_grad(x, y, num_classes, weight, bias, wd, balanced)
+    assert np.abs(grad_w).max() < 1e-6 and np.abs(grad_b).max() < 1e-6
+    assert probe.loss == pytest.approx(value, rel=1e-9)
+    # predictions are argmax of the standardised features' logits
+    np.testing.assert_allclose(probe.logits(x).numpy(), z @ weight.T + bias, rtol=1e-9, atol=1e-9)
+
+
+def test_resize_scales_boxes_by_width_and_height():
+    from drcl.evaluation.probe import _resize
+
+    image = torch.rand(3, 48, 64)  # h = 48, w = 64: the longer side (w) becomes 32
+    boxes = torch.tensor([[8.0, 6.0, 40.0, 30.0]])
+    out, scaled = _resize(image, boxes, 32)
+    assert out.shape == (3, 24, 32)
+    torch.testing.assert_close(scaled, torch.tensor([[4.0, 3.0, 20.0, 15.0]]))
+    tall, scaled = _resize(torch.rand(3, 50, 20), torch.tensor([[2.0, 10.0, 12.0, 40.0]]), 25)
+    assert tall.shape == (3, 25, 10)  # round(20 * 0.5)
+    torch.testing.assert_close(scaled, torch.tensor([[1.0, 5.0, 6.0, 20.0]]))
+    # 45 x 64 -> 22 x 32 (22.5 rounds to 22): y scales by 22 / 45, x by 32 / 64
+    odd, scaled = _resize(torch.rand(3, 45, 64), torch.tensor([[8.0, 9.0, 40.0, 45.0]]), 32)
+    assert odd.shape == (3, 22, 32)
+    torch.testing.assert_close(scaled, torch.tensor([[4.0, 9 * 22 / 45, 20.0, 22.0]]))
+
+
+def test_embed_boxes_feeds_the_encoder_imagenet_normalised_pixels():
+    """The probe embeds boxes the way DRCL sees images: uint8 -> [0, 1] -> ImageNet mean / std."""
+    from drcl.evaluation.probe import embed_boxes, load_encoder
+    from drcl.model.drcl import IMAGENET_MEAN, IMAGENET_STD
+
+    encoder = load_encoder("tiny", "gn", None, seed=0)
+    data = _MixedSizes()
+    feats, labels = embed_boxes(encoder, data, np.arange(5), batch_size=1, max_images=2, progress=False)
+    assert labels.tolist() == [0, 1]
+    for i in range(2):
+        image = data.load_image(i).float() / 255.0
+        image = (image - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        expected = encoder(image[None], [data.target(i, 0, 0)["boxes"]])["roi"]
+        torch.testing.assert_close(feats[i : i + 1], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_label_map_matches_val_categories_to_train_by_id():
+    """A val file listing the categories in another order (or a subset) maps them by id."""
+    from types import SimpleNamespace
+
+    from drcl.evaluation.probe import _label_map
+
+    def ann(ids):
+        cats = [{"id": i, "name": f"c{i}"} for i in ids]
+        return SimpleNamespace(categories=cats, num_categories=len(cats), path="x.json",
+                               category_pos={c["id"]: k for k, c in enumerate(cats)})
+
+    train = ann([10, 20, 30])
+    assert _label_map(train, ann([30, 10])).tolist() == [2, 0]
+    assert _label_map(train, ann([10, 20, 30])).tolist() == [0, 1, 2]
+    with pytest.raises(DataError, match="40"):
+        _label_map(train, ann([10, 40]))
