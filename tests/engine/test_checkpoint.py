@@ -70,3 +70,53 @@ def test_resume_restores_only_the_cuda_rng_states_of_the_gpus_it_has(monkeypatch
     monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_one)  # what set_rng_state_all calls
     set_rng_state(state)
     assert list(restored) == [0] and torch.equal(restored[0], state["cuda"][0])
+
+
+def test_rng_state_round_trip_restores_every_generator():
+    """Resume exactly: after set_rng_state(rng_state()) torch, NumPy's global and Python's
+    random module draw what they drew the first time."""
+    import random
+
+    import numpy as np
+
+    from drcl.engine.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+
+    def draws():
+        return torch.rand(4).tolist(), np.random.rand(4).tolist(), [random.random() for _ in range(4)]
+
+    first = draws()
+    assert draws() != first  # the generators moved on
+    set_rng_state(state)
+    assert draws() == first
+
+
+def test_run_weights_path_prefers_encoder_pt(tmp_path):
+    from drcl.engine.checkpoint import run_weights_path
+
+    (tmp_path / "checkpoints").mkdir()
+    assert run_weights_path(tmp_path) == tmp_path / "checkpoints" / "last.pt"
+    (tmp_path / "encoder.pt").write_bytes(b"")
+    assert run_weights_path(tmp_path) == tmp_path / "encoder.pt"
+    assert run_weights_path(tmp_path / "other.pt") == tmp_path / "other.pt"
+
+
+def test_encoder_weights_from_a_checkpoint_and_from_plain_weights(tmp_path):
+    from drcl.engine.checkpoint import cpu_state_dict, encoder_weights
+
+    w = torch.ones(2, requires_grad=True)
+    model = {"online.encoder.backbone.body.conv1.weight": w, "online.encoder.roi_heads.fc.bias": torch.zeros(3),
+             "momentum.encoder.backbone.body.conv1.weight": torch.full((2,), 5.0), "online.predictor.w": torch.ones(1)}
+    save_checkpoint({"model": cpu_state_dict(model), "iteration": 3}, tmp_path / "checkpoints" / "last.pt")
+    sd = encoder_weights(tmp_path)  # the run folder: checkpoints/last.pt
+    assert set(sd) == {"backbone.body.conv1.weight", "roi_heads.fc.bias"}
+    assert torch.equal(sd["backbone.body.conv1.weight"], torch.ones(2)) and not sd["backbone.body.conv1.weight"].requires_grad
+    save_checkpoint({"model": {"momentum.x": torch.ones(1)}}, tmp_path / "nothing.pt")
+    with pytest.raises(DataError, match="without 2DRCL encoder weights"):
+        encoder_weights(tmp_path / "nothing.pt")
+    save_checkpoint({"weight": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(DataError, match="neither"):
+        encoder_weights(tmp_path / "other.pt")
+    save_checkpoint(sd, tmp_path / "encoder.pt")
+    assert set(encoder_weights(tmp_path)) == set(sd)  # the run folder now: encoder.pt
