@@ -1,14 +1,24 @@
 import os
+import random
 import signal
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
 from drcl.atomic import write_json
-from drcl.engine.checkpoint import load_checkpoint, save_checkpoint
+from drcl.engine.checkpoint import (
+    cpu_state_dict,
+    encoder_weights,
+    load_checkpoint,
+    rng_state,
+    run_weights_path,
+    save_checkpoint,
+    set_rng_state,
+)
 from drcl.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,8 +61,6 @@ def test_resume_restores_only_the_cuda_rng_states_of_the_gpus_it_has(monkeypatch
     """A checkpoint saved with 8 GPUs' CUDA RNG states, resumed where one GPU is visible:
     device 0's state is restored and nothing fails (``torch.cuda.set_rng_state_all`` would
     address devices 1-7). Stood in on the CPU by a fake CUDA runtime with one device."""
-    from drcl.engine.checkpoint import rng_state, set_rng_state
-
     state = rng_state()
     state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
     set_rng_state(state)  # the real CPU machine: no GPU at all
@@ -75,12 +83,6 @@ def test_resume_restores_only_the_cuda_rng_states_of_the_gpus_it_has(monkeypatch
 def test_rng_state_round_trip_restores_every_generator():
     """Resume exactly: after set_rng_state(rng_state()) torch, NumPy's global and Python's
     random module draw what they drew the first time."""
-    import random
-
-    import numpy as np
-
-    from drcl.engine.checkpoint import rng_state, set_rng_state
-
     state = rng_state()
 
     def draws():
@@ -93,8 +95,6 @@ def test_rng_state_round_trip_restores_every_generator():
 
 
 def test_run_weights_path_prefers_encoder_pt(tmp_path):
-    from drcl.engine.checkpoint import run_weights_path
-
     (tmp_path / "checkpoints").mkdir()
     assert run_weights_path(tmp_path) == tmp_path / "checkpoints" / "last.pt"
     (tmp_path / "encoder.pt").write_bytes(b"")
@@ -103,8 +103,6 @@ def test_run_weights_path_prefers_encoder_pt(tmp_path):
 
 
 def test_encoder_weights_from_a_checkpoint_and_from_plain_weights(tmp_path):
-    from drcl.engine.checkpoint import cpu_state_dict, encoder_weights
-
     w = torch.ones(2, requires_grad=True)
     model = {"online.encoder.backbone.body.conv1.weight": w, "online.encoder.roi_heads.fc.bias": torch.zeros(3),
              "momentum.encoder.backbone.body.conv1.weight": torch.full((2,), 5.0), "online.predictor.w": torch.ones(1)}

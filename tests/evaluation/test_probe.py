@@ -1,5 +1,6 @@
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,12 +11,17 @@ from drcl.data.synthetic import config_overrides, make_dataset
 from drcl.errors import DataError
 from drcl.evaluation.probe import (
     ACCURACY_KEYS,
+    _label_map,
+    _resize,
+    embed_boxes,
     fit_linear,
     format_probe,
     group_accuracy,
+    load_encoder,
     run_probe,
 )
 from drcl.model.detector import build_encoder
+from drcl.model.drcl import IMAGENET_MEAN, IMAGENET_STD
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -159,8 +165,6 @@ def test_run_probe_same_seed_same_result(probe_cfg, random_result):
 
 def test_run_probe_loads_saved_encoder(probe_cfg, random_result, tmp_path):
     # the random-init encoder for seed 0, saved: must give the random-init result back
-    from drcl.evaluation.probe import load_encoder
-
     path = tmp_path / "encoder.pt"
     torch.save(load_encoder("tiny", "gn", None, seed=0).state_dict(), path)
     r = run_probe(probe_cfg, path, epochs=30, seed=123, progress=False, batch_size=8)
@@ -174,7 +178,6 @@ def test_run_probe_rejects_wrong_norm_and_preset(probe_cfg, tmp_path):
     torch.save(build_encoder("tiny", "bn").state_dict(), bn)
     with pytest.raises(DataError, match="normalisation mismatch"):
         run_probe(probe_cfg, bn, progress=False)  # probe_cfg has norm gn
-    from drcl.evaluation.probe import load_encoder
 
     loaded = load_encoder("tiny", "bn", bn, seed=5)  # BatchNorm running stats load as well
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
@@ -216,8 +219,6 @@ class _MixedSizes:
 
 
 def test_embed_boxes_groups_mixed_sizes():
-    from drcl.evaluation.probe import embed_boxes, load_encoder
-
     encoder = load_encoder("tiny", "gn", None, seed=0)
     label_map = np.arange(5)
     grouped, labels = embed_boxes(encoder, _MixedSizes(), label_map, batch_size=4, progress=False)
@@ -283,8 +284,6 @@ def test_fit_linear_reaches_the_minimum_of_the_documented_objective(balanced, nu
 
 
 def test_resize_scales_boxes_by_width_and_height():
-    from drcl.evaluation.probe import _resize
-
     image = torch.rand(3, 48, 64)  # h = 48, w = 64: the longer side (w) becomes 32
     boxes = torch.tensor([[8.0, 6.0, 40.0, 30.0]])
     out, scaled = _resize(image, boxes, 32)
@@ -301,9 +300,6 @@ def test_resize_scales_boxes_by_width_and_height():
 
 def test_embed_boxes_feeds_the_encoder_imagenet_normalised_pixels():
     """The probe embeds boxes the way DRCL sees images: uint8 -> [0, 1] -> ImageNet mean / std."""
-    from drcl.evaluation.probe import embed_boxes, load_encoder
-    from drcl.model.drcl import IMAGENET_MEAN, IMAGENET_STD
-
     encoder = load_encoder("tiny", "gn", None, seed=0)
     data = _MixedSizes()
     feats, labels = embed_boxes(encoder, data, np.arange(5), batch_size=1, max_images=2, progress=False)
@@ -317,10 +313,6 @@ def test_embed_boxes_feeds_the_encoder_imagenet_normalised_pixels():
 
 def test_label_map_matches_val_categories_to_train_by_id():
     """A val file listing the categories in another order (or a subset) maps them by id."""
-    from types import SimpleNamespace
-
-    from drcl.evaluation.probe import _label_map
-
     def ann(ids):
         cats = [{"id": i, "name": f"c{i}"} for i in ids]
         return SimpleNamespace(categories=cats, num_categories=len(cats), path="x.json",

@@ -7,7 +7,7 @@ import torch
 from drcl.model.ar import ar_loss, patch_mask
 from drcl.model.hcl import hcl_loss
 from drcl.model.infonce import info_nce, same_id
-from drcl.model.lcl import lcl_loss
+from drcl.model.lcl import OBJECT_STRIDE, lcl_loss, select_boxes
 from drcl.model.sr import sr_loss
 
 
@@ -245,8 +245,6 @@ def test_sr_loss_is_cosine_distance_to_standardised_targets_with_stop_gradient()
 def test_select_boxes_keeps_boxes_labels_and_object_ids_together():
     """Each chosen box comes with the same box of the other view, its own label and the object
     id image_id * 2**31 + annotation id (so equal annotation ids of two images differ)."""
-    from drcl.model.lcl import OBJECT_STRIDE, select_boxes
-
     def target(n, first, labels, ann_ids, image_id=None):
         boxes = torch.tensor([[float(first + i), 0.0, first + i + 5.0, 5.0] for i in range(n)])
         t = {"boxes": boxes, "labels": torch.tensor(labels), "ann_ids": torch.tensor(ann_ids)}
