@@ -157,3 +157,35 @@ def test_convergence_figure_puts_the_demos_two_runs_at_their_own_compute_on_the_
 
 def lines_of(ax, label):
     return next(line for line in ax.lines if line.get_label() == label)
+
+
+def test_convergence_figure_draws_a_star_for_a_metric_of_zero(tmp_path, saved_figures):
+    """Catches a demo run's APr of exactly 0.0 (a measurement) being dropped like a missing group (-1)."""
+    info = {"ft_iters": 110, "extra": 200, "finetune_flops_per_iter": 40e9, "pretrain_flops_per_iter": 80e9}
+    drcl, base = _result(0.05), _result(0.12)
+    drcl["APr"] = 0.0
+    plot_convergence(drcl, base, 60, info, tmp_path / "convergence.png")
+    (fig,) = saved_figures
+    star = lines_of(fig.axes[1], "this demo: 2DRCL 60")
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == pytest.approx(((60 * 80e9 + 110 * 40e9) / 1e12, 0.0))
+
+
+def _convergence_record(init, length, ap, pre=0.0):
+    return {"init": init, "label": {"random": "random init", "drcl_short": "2DRCL 300"}[init], "seed": 0,
+            "pretrain_iters": 300 if pre else 0, "finetune_iters": length, "pretrain_flops": pre,
+            "finetune_flops": length * 40e9, "detection": {"AP": ap / 100, "APr": 0.05, "APc": 0.0, "APf": 0.0}}
+
+
+def test_convergence_sentence_reads_the_measured_records_with_the_1_ap_stop_rule(tmp_path, monkeypatch):
+    """Catches the report's sentence being made with another stop rule or init than the curves' default."""
+    records = [_convergence_record("random", n, ap) for n, ap in ((200, 10), (400, 11.5))]
+    records += [_convergence_record("drcl_short", n, ap, pre=25e12) for n, ap in ((200, 12), (400, 13))]
+    monkeypatch.setattr("drcl.demo.load_measured", lambda: records)
+    info = {"ft_iters": 110, "extra": 200, "finetune_flops_per_iter": 40e9, "pretrain_flops_per_iter": 80e9}
+    text = plot_convergence(_result(0.05), _result(0.12), 60, info, tmp_path / "convergence.png")
+    # random init gained 1.5 AP from 200 to 400: over the 1 AP rule, so not converged; 2DRCL's
+    # totals (33 and 41 TFLOP) are past random init's 8 and 16
+    assert text == ("On the same fine-tuning, 2DRCL 300's lead over random init goes from +2.0 AP, APr +0.0 at 200 "
+                    "iterations to +1.5 AP, APr +0.0 at 400 (1 seed there); at matched total compute there is no run "
+                    "of random init at its compute; not converged: random init still gained 1.5 AP from 200 to 400 "
+                    "iterations.")

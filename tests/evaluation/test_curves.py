@@ -3,6 +3,7 @@ log-compute, the matched-compute comparison and the sentence the demo and README
 
 import math
 
+import matplotlib.figure
 import pytest
 
 from drcl.evaluation.curves import (
@@ -16,6 +17,7 @@ from drcl.evaluation.curves import (
     n_seeds,
     paired,
     paired_gain,
+    plot_curves,
     seeds_run,
     summary,
 )
@@ -222,3 +224,62 @@ def test_summary_starts_at_the_shortest_length_both_inits_ran():
     assert summary(records).startswith("On the same fine-tuning, 2DRCL 300's lead over random init goes from "
                                        "+5.0 AP, APr +2.5 at 200 iterations to +2.0 AP, APr +1.0 at 400 "
                                        "(1 seed there);")
+
+
+def test_curve_band_is_the_min_and_max_whatever_the_seeds_order():
+    """Catches a band read off the first or last seed instead of the lowest and highest."""
+    records = [rec("random", s, 200, ap, 1) for s, ap in ((0, 12), (1, 9), (2, 15), (3, 10))]
+    (p,) = curve(records, "random", "AP")
+    assert (p["lo"], p["hi"]) == pytest.approx((9.0, 15.0))
+
+
+def test_curve_skips_a_length_without_the_metric_and_keeps_the_longer_ones():
+    """Catches a curve that stops at the first length whose val sets all lack the group."""
+    records = [rec("random", 0, 200, 10, 5), rec("random", 0, 400, 20, -100), rec("random", 0, 800, 30, 15)]
+    assert [(p["x"], p["mean"]) for p in curve(records, "random", "APr")] == [(200, 5.0), (800, 15.0)]
+
+
+def test_compute_for_passes_over_a_flat_segment_at_the_value():
+    """Catches a flat segment (a 0 / 0 step) being read instead of skipped for the rising one after it."""
+    points = [{"x": x * 1e12, "mean": m} for x, m in ((1, 20.0), (2, 20.0), (4, 30.0))]
+    assert compute_for(points, 20) == pytest.approx(2e12)  # the first rising segment starts at 2 TFLOP
+
+
+def test_break_even_shares_reads_the_metric_asked_for_on_both_curves():
+    """Catches the pre-trained init's points read in AP when another metric is asked for."""
+    records = [rec("random", 0, n, ap, ap / 2) for n, ap in ((200, 10), (400, 20), (800, 40))]
+    records.append(rec("drcl_short", 0, 200, 12, 7.5, pre=PRE))
+    (row,) = break_even_shares(records, "drcl_short", "APr")
+    # random init's APr: 5 at 8 TFLOP, 10 at 16; 7.5 is halfway in log: 8 * sqrt(2)
+    assert row["lead"] == pytest.approx(2.5)
+    assert row["shares"] == pytest.approx(PRE / (8e12 * (2 ** 0.5 - 1)))
+
+
+def test_summary_counts_the_points_random_init_is_ahead_at():
+    """Catches the count of matched-compute points random init leads at swapped with the ones it trails."""
+    pre = 8e12  # 2DRCL at 200, 600 and 1,400 costs 16, 32 and 64 TFLOP: random init's 400, 800 and 1,600
+    records = [rec("random", 0, n, ap, 1) for n, ap in ((200, 10), (400, 20), (800, 40), (1600, 50))]
+    records += [rec("drcl_short", 0, n, ap, 1, pre=pre) for n, ap in ((200, 25), (600, 45), (1400, 45))]
+    assert "at matched total compute random init is ahead at 1 of 3 points measured;" in summary(records)
+
+
+def test_summary_counts_the_seeds_of_the_ap_lead_where_a_seed_lacks_rare_classes():
+    """Catches "(n seeds there)" counting the seeds with APr instead of those the AP lead is over."""
+    records = [rec("random", s, n, ap + s, 5) for s in (0, 1) for n, ap in ((200, 10), (800, 40))]
+    records += [rec("drcl_short", s, n, ap + s, 6, pre=PRE) for s in (0, 1) for n, ap in ((200, 15), (800, 41))]
+    records[-1]["detection"]["APr"] = -1.0  # seed 1's val set at 800 lacks rare classes
+    assert summary(records).startswith("On the same fine-tuning, 2DRCL 300's lead over random init goes from "
+                                       "+5.0 AP, APr +1.0 at 200 iterations to +1.0 AP, APr +1.0 at 800 "
+                                       "(2 seeds there);")
+
+
+def test_plot_curves_title_gives_the_range_of_seeds_and_the_band_spans_min_to_max(tmp_path, monkeypatch):
+    """Catches a title naming only the most seeds per point, and a band drawn from the mean."""
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    records = [rec("random", s, 200, 10 + 2 * s, 5) for s in (0, 1)] + [rec("random", 0, 400, 20, 5)]
+    plot_curves(records, tmp_path / "curves.png", "iters")
+    (fig,) = saved
+    assert "mean over 1-2 seed(s) per point, band min-max" in " ".join(t.get_text() for t in fig.texts)
+    (band,) = fig.axes[0].collections
+    assert {round(float(y), 6) for y in band.get_paths()[0].vertices[:, 1]} == {10.0, 12.0, 20.0}
