@@ -292,8 +292,9 @@ def table(records: list[dict], min_gain: float = 1.0) -> str:
         lengths = sorted(counts)
         gain, seeds = paired_gain(records, "random", lengths[-2], lengths[-1])
         stop = converged_length(records, min_gain)
-        lines += ["", f"Random init: {gain:+.1f} AP from {lengths[-2]} to {lengths[-1]} iterations "
-                  f"({n_seeds(seeds)} run at both); "
+        said = (f"{gain:+.1f} AP from {lengths[-2]} to {lengths[-1]} iterations ({n_seeds(seeds)} run at both)"
+                if seeds else f"no seed run at both {lengths[-2]} and {lengths[-1]} iterations")
+        lines += ["", f"Random init: {said}; "
                   + (f"converged (under {min_gain:g} AP) at {stop}." if stop else "not converged yet.")]
     return "\n".join(lines)
 

@@ -334,3 +334,10 @@ def test_the_curves_drcl_demo_draws_are_the_committed_records():
     shipped = json.loads(MEASURED.read_text())
     committed = json.loads((ROOT / shipped["source"]).read_text())
     assert shipped["records"] == reduce(convergence.labelled(committed))
+
+
+def test_table_says_when_no_seed_of_random_init_ran_its_last_two_lengths():
+    """Catches "Random init: +nan AP" when the last two lengths share no seed."""
+    records = [record("random", 0, 220, 0.1), record("random", 0, 440, 0.2), record("random", 1, 880, 0.3)]
+    assert convergence.table(records).endswith("Random init: no seed run at both 440 and 880 iterations; "
+                                               "not converged yet.")

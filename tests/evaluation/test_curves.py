@@ -283,3 +283,20 @@ def test_plot_curves_title_gives_the_range_of_seeds_and_the_band_spans_min_to_ma
     assert "mean over 1-2 seed(s) per point, band min-max" in " ".join(t.get_text() for t in fig.texts)
     (band,) = fig.axes[0].collections
     assert {round(float(y), 6) for y in band.get_paths()[0].vertices[:, 1]} == {10.0, 12.0, 20.0}
+
+
+def test_break_even_shares_is_never_when_random_init_reached_the_value_for_less_and_dipped():
+    """Catches a negative k ("k = -2") where random init's curve reached m(L) before F(L) and fell back."""
+    records = [rec("random", 0, n, ap, 1) for n, ap in ((100, 10), (200, 20), (400, 10), (800, 30))]
+    records.append(rec("drcl_short", 0, 400, 15, 1, pre=PRE))
+    # random init is at 10 AP at 400 iterations (16 TFLOP) but had 15 at about 5.7 TFLOP
+    (row,) = break_even_shares(records, "drcl_short")
+    assert row["lead"] == pytest.approx(5.0) and row["shares"] == math.inf
+
+
+def test_summary_says_when_no_seed_of_random_init_ran_its_last_two_lengths():
+    """Catches "still gained nan AP" when random init's last two lengths share no seed."""
+    records = [rec("random", 0, n, ap, 1) for n, ap in ((200, 10), (400, 20))] + [rec("random", 1, 800, 30, 1)]
+    records += [rec("drcl_short", 0, n, ap, 1, pre=PRE) for n, ap in ((200, 15), (400, 22))]
+    assert summary(records).endswith("; not known to have converged: no seed of random init ran both 400 and 800 "
+                                     "iterations.")

@@ -122,8 +122,9 @@ def break_even_shares(records: list[dict], init: str, metric: str = "AP") -> lis
 
         k = P / (x* - F(L))
 
-    ``shares`` is inf when random init is not behind at L (no sharing makes it pay) and None
-    when m(L) is above every random-init run measured (unknown)."""
+    ``shares`` is inf when random init is not behind at L, or when its curve reached m(L) for
+    less than F(L) and dipped after (x* <= F(L)): no sharing makes it pay; None when m(L) is
+    above every random-init run measured (unknown)."""
     base = curve(records, "random", metric, "flops")
     mine = curve(records, init, metric)
     rows = []
@@ -135,7 +136,8 @@ def break_even_shares(records: list[dict], init: str, metric: str = "AP") -> lis
         if same is None:
             continue
         x = compute_for(base, p["mean"]) if p["mean"] > same else None
-        shares = math.inf if p["mean"] <= same else (pre / (x - ft) if x is not None else None)
+        shares = (math.inf if p["mean"] <= same or (x is not None and x <= ft)
+                  else pre / (x - ft) if x is not None else None)
         rows.append({"length": p["x"], "lead": p["mean"] - same, "shares": shares})
     return rows
 
@@ -187,7 +189,8 @@ def summary(records: list[dict], init: str = "drcl_short", min_gain: float = 1.0
     else:
         gain, both = paired_gain(records, "random", own[-2], own[-1])
         state = (f"not converged: random init still gained {gain:.1f} AP from {own[-2]} to {own[-1]} iterations"
-                 + (f" ({n_seeds(both)} run at both)" if both < max(seeds.values()) else ""))
+                 + (f" ({n_seeds(both)} run at both)" if both < max(seeds.values()) else "") if both else
+                 f"not known to have converged: no seed of random init ran both {own[-2]} and {own[-1]} iterations")
     ends = [n for n in dict.fromkeys((well, last)) if n != first]
     goes = (f"goes from {lead(first)} to " + ", and ".join(lead(n) for n in ends) if ends
             else f"is {lead(first)}")
