@@ -38,6 +38,10 @@ def saved_figures(monkeypatch):
     return saved
 
 
+# the demo's run as plot_convergence reads it: fine-tuning iterations, random init's extra ones, step FLOPs
+INFO = {"ft_iters": 110, "extra": 200, "finetune_flops_per_iter": 40e9, "pretrain_flops_per_iter": 80e9}
+
+
 def _result(ap):
     return {"AP": ap, "AP50": 0.4, "AP75": 0.125, "APs": -1.0, "APm": 0.2, "APl": 0.3, "APr": 0.05,
             "APc": 0.1, "APf": 0.25, "iou_type": "bbox"}
@@ -134,10 +138,9 @@ def test_reconstruction_panel_has_its_caption(demo_data, tmp_path, saved_figures
 
 def test_convergence_figure_puts_the_demos_two_runs_at_their_own_compute_on_the_measured_curves(tmp_path,
                                                                                              saved_figures):
-    info = {"ft_iters": 110, "extra": 200, "finetune_flops_per_iter": 40e9, "pretrain_flops_per_iter": 80e9}
     drcl, base = _result(0.05), _result(0.12)
     drcl["APr"] = -1.0  # a group the val set lacks: no star
-    text = plot_convergence(drcl, base, 60, info, tmp_path / "convergence.png")
+    text = plot_convergence(drcl, base, 60, INFO, tmp_path / "convergence.png")
     assert text == summary(load_measured())
     (fig,) = saved_figures
     for ax, metric in zip(fig.axes, ("AP", "APr")):
@@ -161,10 +164,9 @@ def lines_of(ax, label):
 
 def test_convergence_figure_draws_a_star_for_a_metric_of_zero(tmp_path, saved_figures):
     """Catches a demo run's APr of exactly 0.0 (a measurement) being dropped like a missing group (-1)."""
-    info = {"ft_iters": 110, "extra": 200, "finetune_flops_per_iter": 40e9, "pretrain_flops_per_iter": 80e9}
     drcl, base = _result(0.05), _result(0.12)
     drcl["APr"] = 0.0
-    plot_convergence(drcl, base, 60, info, tmp_path / "convergence.png")
+    plot_convergence(drcl, base, 60, INFO, tmp_path / "convergence.png")
     (fig,) = saved_figures
     star = lines_of(fig.axes[1], "this demo: 2DRCL 60")
     assert (star.get_xdata()[0], star.get_ydata()[0]) == pytest.approx(((60 * 80e9 + 110 * 40e9) / 1e12, 0.0))
@@ -181,8 +183,7 @@ def test_convergence_sentence_reads_the_measured_records_with_the_1_ap_stop_rule
     records = [_convergence_record("random", n, ap) for n, ap in ((200, 10), (400, 11.5))]
     records += [_convergence_record("drcl_short", n, ap, pre=25e12) for n, ap in ((200, 12), (400, 13))]
     monkeypatch.setattr("drcl.demo.load_measured", lambda: records)
-    info = {"ft_iters": 110, "extra": 200, "finetune_flops_per_iter": 40e9, "pretrain_flops_per_iter": 80e9}
-    text = plot_convergence(_result(0.05), _result(0.12), 60, info, tmp_path / "convergence.png")
+    text = plot_convergence(_result(0.05), _result(0.12), 60, INFO, tmp_path / "convergence.png")
     # random init gained 1.5 AP from 200 to 400: over the 1 AP rule, so not converged; 2DRCL's
     # totals (33 and 41 TFLOP) are past random init's 8 and 16
     assert text == ("On the same fine-tuning, 2DRCL 300's lead over random init goes from +2.0 AP, APr +0.0 at 200 "

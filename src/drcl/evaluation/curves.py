@@ -136,8 +136,10 @@ def break_even_shares(records: list[dict], init: str, metric: str = "AP") -> lis
         if same is None:
             continue
         x = compute_for(base, p["mean"]) if p["mean"] > same else None
-        shares = (math.inf if p["mean"] <= same or (x is not None and x <= ft)
-                  else pre / (x - ft) if x is not None else None)
+        if p["mean"] <= same or (x is not None and x <= ft):
+            shares = math.inf
+        else:
+            shares = None if x is None else pre / (x - ft)
         rows.append({"length": p["x"], "lead": p["mean"] - same, "shares": shares})
     return rows
 
@@ -188,9 +190,11 @@ def summary(records: list[dict], init: str = "drcl_short", min_gain: float = 1.0
         state = f"random init converged at {done} iterations (under {min_gain:g} AP gained)" if done else "one length only"
     else:
         gain, both = paired_gain(records, "random", own[-2], own[-1])
-        state = (f"not converged: random init still gained {gain:.1f} AP from {own[-2]} to {own[-1]} iterations"
-                 + (f" ({n_seeds(both)} run at both)" if both < max(seeds.values()) else "") if both else
-                 f"not known to have converged: no seed of random init ran both {own[-2]} and {own[-1]} iterations")
+        if not both:
+            state = f"not known to have converged: no seed of random init ran both {own[-2]} and {own[-1]} iterations"
+        else:
+            state = (f"not converged: random init still gained {gain:.1f} AP from {own[-2]} to {own[-1]} iterations"
+                     + (f" ({n_seeds(both)} run at both)" if both < max(seeds.values()) else ""))
     ends = [n for n in dict.fromkeys((well, last)) if n != first]
     goes = (f"goes from {lead(first)} to " + ", and ".join(lead(n) for n in ends) if ends
             else f"is {lead(first)}")
